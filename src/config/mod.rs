@@ -1,0 +1,565 @@
+//! Configuration: TOML text → [`raw`] serde structs → validated [`Config`].
+//!
+//! Parsing stops at the first structural problem (bad TOML, unknown key, wrong
+//! type); validation then collects *every* problem it can find, each with its
+//! TOML key path, so `wsgate check` can list them all at once. The engine only
+//! ever sees [`Config`], never TOML.
+
+mod raw;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::policy::origin::OriginPattern;
+use crate::tls::CertPair;
+
+pub use raw::RawAuth;
+
+/// One problem in the config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// TOML key path such as `route[0].origins[1]`; empty for whole-file problems.
+    pub key: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.line, self.key.is_empty()) {
+            (Some(line), false) => write!(f, "{} (line {}): {}", self.key, line, self.message),
+            (Some(line), true) => write!(f, "line {}: {}", line, self.message),
+            (None, false) => write!(f, "{}: {}", self.key, self.message),
+            (None, true) => f.write_str(&self.message),
+        }
+    }
+}
+
+/// Every problem found in one config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors {
+    pub source: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = self.problems.len();
+        write!(
+            f,
+            "{}: {} problem{}",
+            self.source.display(),
+            count,
+            if count == 1 { "" } else { "s" }
+        )?;
+        for problem in &self.problems {
+            write!(f, "\n  {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Collects problems during validation; each helper records and returns `None`.
+pub struct Problems {
+    list: Vec<Problem>,
+}
+
+impl Problems {
+    pub fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.list.push(Problem {
+            key: key.into(),
+            line: None,
+            message: message.into(),
+        });
+    }
+
+    pub fn duration(&mut self, key: &str, text: Option<&str>, default: Duration) -> Duration {
+        let Some(text) = text else { return default };
+        match humantime::parse_duration(text) {
+            Ok(value) => value,
+            Err(error) => {
+                self.add(
+                    key,
+                    format!("{text:?} is not a duration such as \"500ms\", \"30s\" or \"24h\" ({error})"),
+                );
+                default
+            }
+        }
+    }
+
+    pub fn cidrs(&mut self, key: &str, list: &[String]) -> Vec<IpNet> {
+        let mut nets = Vec::with_capacity(list.len());
+        for (index, text) in list.iter().enumerate() {
+            match parse_cidr(text) {
+                Some(net) => nets.push(net),
+                None => self.add(
+                    format!("{key}[{index}]"),
+                    format!("{text:?} is not an IP address or CIDR block such as \"10.0.0.0/8\" or \"::1/128\""),
+                ),
+            }
+        }
+        nets
+    }
+
+    fn not_supported(&mut self, key: &str) {
+        self.add(key, "not supported yet by this version of wsgate");
+    }
+}
+
+/// Accepts `10.0.0.0/8` and a bare address (a /32 or /128).
+fn parse_cidr(text: &str) -> Option<IpNet> {
+    let text = text.trim();
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+        .map(|net| net.trunc())
+}
+
+/// The validated configuration the engine runs on.
+#[derive(Debug)]
+pub struct Config {
+    pub listeners: Vec<ListenerConfig>,
+    pub server: ServerConfig,
+    pub admin: Option<SocketAddr>,
+    pub upstreams: BTreeMap<String, Arc<UpstreamConfig>>,
+    pub routes: Vec<Arc<RouteConfig>>,
+}
+
+#[derive(Debug)]
+pub struct ListenerConfig {
+    pub addr: SocketAddr,
+    /// Absent: plaintext. The first pair is the default when SNI matches none.
+    pub tls: Option<Vec<CertPair>>,
+    pub proxy_protocol: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Peers whose X-Forwarded-*/Forwarded/PROXY data is believed.
+    pub trusted_proxies: Vec<IpNet>,
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub drain_timeout: Duration,
+    /// A TLS handshake that has not finished by then is dropped.
+    pub tls_handshake_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    LeastConn,
+}
+
+#[derive(Debug)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// `host:port` as written; resolved at connect time so DNS changes are seen.
+    pub servers: Vec<String>,
+    pub balance: Balance,
+    pub connect_timeout: Duration,
+    /// Present: connect with TLS, verified against webpki roots plus these CAs.
+    pub tls: Option<UpstreamTls>,
+    pub health_check: Option<HealthCheck>,
+}
+
+/// Active health checking: a `GET path` to every server each `interval`;
+/// a server that fails gets no new connections until it passes again.
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: Duration,
+}
+
+#[derive(Debug)]
+pub struct UpstreamTls {
+    pub extra_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebSocketMode {
+    Required,
+    Allowed,
+    Forbidden,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissingOrigin {
+    Reject,
+    Allow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginMode {
+    Enforce,
+    Report,
+}
+
+#[derive(Debug)]
+pub struct RouteConfig {
+    /// Label in logs and metrics.
+    pub name: String,
+    /// Lower-case, without port or trailing dot.
+    pub host: Option<String>,
+    /// Always starts with `/`; never ends with `/` unless it is `/`.
+    pub path: String,
+    pub upstream: Arc<UpstreamConfig>,
+    pub websocket: WebSocketMode,
+    /// Empty: no browser origin is allowed.
+    pub origins: Vec<OriginPattern>,
+    pub missing_origin: MissingOrigin,
+    pub origin_mode: OriginMode,
+    pub subprotocols: Option<Vec<String>>,
+    pub idle_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub allow_ips: Option<Vec<IpNet>>,
+    pub deny_ips: Vec<IpNet>,
+}
+
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+impl Config {
+    /// Reads and validates the file at `path`; relative paths inside it resolve
+    /// against its folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigErrors {
+            source: path.to_path_buf(),
+            problems: vec![Problem {
+                key: String::new(),
+                line: None,
+                message: format!("cannot read the config file: {error}"),
+            }],
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, base).map_err(|problems| ConfigErrors {
+            source: path.to_path_buf(),
+            problems,
+        })
+    }
+
+    /// Parses and validates config text; `base` is the folder relative paths start from.
+    pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
+        let raw = parse_raw(text)?;
+        let mut problems = Problems { list: Vec::new() };
+        let config = validate(raw, base, &mut problems);
+        if problems.list.is_empty() {
+            Ok(config)
+        } else {
+            Err(problems.list)
+        }
+    }
+}
+
+fn parse_raw(text: &str) -> Result<raw::RawConfig, Vec<Problem>> {
+    let deserializer = toml::Deserializer::parse(text).map_err(|error| vec![toml_problem(text, String::new(), &error)])?;
+    serde_path_to_error::deserialize(deserializer).map_err(|error| {
+        let key = error.path().to_string();
+        let key = if key == "." { String::new() } else { key };
+        vec![toml_problem(text, key, error.inner())]
+    })
+}
+
+fn toml_problem(text: &str, key: String, error: &toml::de::Error) -> Problem {
+    let line = error
+        .span()
+        .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+    Problem {
+        key,
+        line,
+        message: error.message().trim().to_owned(),
+    }
+}
+
+fn resolve(base: &Path, file: &str) -> PathBuf {
+    let path = Path::new(file);
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}
+
+fn validate(raw: raw::RawConfig, base: &Path, problems: &mut Problems) -> Config {
+    if raw.listener.is_empty() {
+        problems.add("listener", "at least one [[listener]] is needed");
+    }
+    let listeners = raw
+        .listener
+        .iter()
+        .enumerate()
+        .filter_map(|(index, listener)| validate_listener(&format!("listener[{index}]"), listener, base, problems))
+        .collect();
+
+    let server = validate_server(&raw.server, problems);
+    let admin = raw.admin.as_ref().and_then(|admin| parse_addr("admin.addr", &admin.addr, problems));
+
+    let mut upstreams = BTreeMap::new();
+    for (name, upstream) in &raw.upstream {
+        if let Some(valid) = validate_upstream(name, upstream, base, problems) {
+            upstreams.insert(name.clone(), Arc::new(valid));
+        }
+    }
+    let routes = raw
+        .route
+        .iter()
+        .enumerate()
+        .filter_map(|(index, route)| validate_route(index, route, &upstreams, &raw.upstream, problems).map(Arc::new))
+        .collect::<Vec<_>>();
+    if raw.route.is_empty() {
+        problems.add("route", "at least one [[route]] is needed");
+    }
+    check_duplicate_routes(&routes, problems);
+
+    Config {
+        listeners,
+        server,
+        admin,
+        upstreams,
+        routes,
+    }
+}
+
+fn parse_addr(key: &str, text: &str, problems: &mut Problems) -> Option<SocketAddr> {
+    match text.parse::<SocketAddr>() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            problems.add(key, format!("{text:?} is not an address such as \"0.0.0.0:8443\" or \"[::]:8443\""));
+            None
+        }
+    }
+}
+
+fn validate_listener(key: &str, raw: &raw::RawListener, base: &Path, problems: &mut Problems) -> Option<ListenerConfig> {
+    let addr = parse_addr(&format!("{key}.addr"), &raw.addr, problems);
+    let tls = match &raw.tls {
+        None => None,
+        Some(tls) => {
+            if tls.certs.is_empty() {
+                problems.add(format!("{key}.tls.certs"), "a TLS listener needs at least one certificate");
+            }
+            let mut pairs = Vec::new();
+            for (index, pair) in tls.certs.iter().enumerate() {
+                let pair_key = format!("{key}.tls.certs[{index}]");
+                match CertPair::load(&resolve(base, &pair.cert), &resolve(base, &pair.key)) {
+                    Ok(loaded) => pairs.push(loaded),
+                    Err(error) => problems.add(format!("{pair_key}.{}", error.key), error.message),
+                }
+            }
+            Some(pairs)
+        }
+    };
+    if raw.proxy_protocol {
+        problems.not_supported(&format!("{key}.proxy_protocol"));
+    }
+    Some(ListenerConfig {
+        addr: addr?,
+        tls,
+        proxy_protocol: raw.proxy_protocol,
+    })
+}
+
+fn validate_server(raw: &raw::RawServer, problems: &mut Problems) -> ServerConfig {
+    let positive = |problems: &mut Problems, key: &str, value: Option<i64>, default: usize, min: usize| match value {
+        None => default,
+        Some(value) if value >= min as i64 => value as usize,
+        Some(value) => {
+            problems.add(key, format!("{value} is too small; the least allowed is {min}"));
+            default
+        }
+    };
+    ServerConfig {
+        trusted_proxies: problems.cidrs("server.trusted_proxies", &raw.trusted_proxies),
+        max_connections: positive(problems, "server.max_connections", raw.max_connections, 100_000, 1),
+        header_timeout: problems.duration("server.header_timeout", raw.header_timeout.as_deref(), Duration::from_secs(10)),
+        max_header_bytes: positive(problems, "server.max_header_bytes", raw.max_header_bytes, 16_384, 1024),
+        drain_timeout: problems.duration("server.drain_timeout", raw.drain_timeout.as_deref(), Duration::from_secs(30)),
+        tls_handshake_timeout: Duration::from_secs(10),
+    }
+}
+
+fn validate_upstream(name: &str, raw: &raw::RawUpstream, base: &Path, problems: &mut Problems) -> Option<UpstreamConfig> {
+    let key = format!("upstream.{name}");
+    if raw.servers.is_empty() {
+        problems.add(format!("{key}.servers"), "an upstream needs at least one server");
+    }
+    for (index, server) in raw.servers.iter().enumerate() {
+        let valid = server
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port > 0));
+        if !valid {
+            problems.add(
+                format!("{key}.servers[{index}]"),
+                format!("{server:?} is not host:port such as \"127.0.0.1:9000\" or \"backend.internal:9000\""),
+            );
+        }
+    }
+    let balance = match raw.balance.as_deref() {
+        None | Some("round_robin") => Balance::RoundRobin,
+        Some("least_conn") => Balance::LeastConn,
+        Some(other) => {
+            problems.add(format!("{key}.balance"), format!("{other:?} is not \"round_robin\" or \"least_conn\""));
+            Balance::RoundRobin
+        }
+    };
+    let connect_timeout = problems.duration(&format!("{key}.connect_timeout"), raw.connect_timeout.as_deref(), Duration::from_secs(3));
+    let tls = if raw.tls {
+        let mut extra_roots = Vec::new();
+        if let Some(ca) = &raw.ca {
+            match crate::tls::load_certificates(&resolve(base, ca)) {
+                Ok(certs) => extra_roots = certs,
+                Err(message) => problems.add(format!("{key}.ca"), message),
+            }
+        }
+        Some(UpstreamTls { extra_roots })
+    } else {
+        if raw.ca.is_some() {
+            problems.add(format!("{key}.ca"), "`ca` only applies with `tls = true`");
+        }
+        None
+    };
+    let health_check = raw.health_check.as_ref().map(|check| {
+        if !check.path.starts_with('/') {
+            problems.add(format!("{key}.health_check.path"), format!("{:?} must start with /", check.path));
+        }
+        let interval = problems.duration(&format!("{key}.health_check.interval"), check.interval.as_deref(), Duration::from_secs(5));
+        if interval.is_zero() {
+            problems.add(format!("{key}.health_check.interval"), "must be longer than zero");
+        }
+        HealthCheck { path: check.path.clone(), interval }
+    });
+    Some(UpstreamConfig {
+        name: name.to_owned(),
+        servers: raw.servers.clone(),
+        balance,
+        connect_timeout,
+        tls,
+        health_check,
+    })
+}
+
+/// Lower-cases a route's `host` and drops a trailing dot, as requests are normalised.
+pub fn normalise_host(host: &str) -> String {
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+fn validate_route(
+    index: usize,
+    raw: &raw::RawRoute,
+    upstreams: &BTreeMap<String, Arc<UpstreamConfig>>,
+    raw_upstreams: &BTreeMap<String, raw::RawUpstream>,
+    problems: &mut Problems,
+) -> Option<RouteConfig> {
+    let key = format!("route[{index}]");
+    let host = raw.host.as_deref().map(normalise_host);
+    if let Some(host) = &host {
+        if host.is_empty() || host.contains(['/', ':', ' ']) {
+            problems.add(format!("{key}.host"), format!("{host:?} is not a host name (no scheme, port or path)"));
+        }
+    }
+    let path = raw.path.clone().unwrap_or_else(|| "/".to_owned());
+    if !path.starts_with('/') || path.contains(['?', '#']) {
+        problems.add(format!("{key}.path"), format!("{path:?} must start with / and have no query"));
+    }
+    let path = if path.len() > 1 { path.trim_end_matches('/').to_owned() } else { path };
+
+    let upstream = upstreams.get(&raw.upstream).cloned();
+    if upstream.is_none() && !raw_upstreams.contains_key(&raw.upstream) {
+        problems.add(format!("{key}.upstream"), format!("no [upstream.{}] is defined", raw.upstream));
+    }
+
+    let websocket = match raw.websocket.as_deref() {
+        None | Some("allowed") => WebSocketMode::Allowed,
+        Some("required") => WebSocketMode::Required,
+        Some("forbidden") => WebSocketMode::Forbidden,
+        Some(other) => {
+            problems.add(format!("{key}.websocket"), format!("{other:?} is not \"required\", \"allowed\" or \"forbidden\""));
+            WebSocketMode::Allowed
+        }
+    };
+
+    let mut origins = Vec::new();
+    for (position, text) in raw.origins.iter().flatten().enumerate() {
+        let origin_key = format!("{key}.origins[{position}]");
+        match OriginPattern::parse(text) {
+            Ok(OriginPattern::Any) if !raw.allow_any_origin => problems.add(
+                origin_key,
+                "\"*\" lets every web page open this socket with the user's cookies; set `allow_any_origin = true` on the route if that is really meant",
+            ),
+            Ok(pattern) => origins.push(pattern),
+            Err(error) => problems.add(origin_key, format!("{text:?} is not an origin pattern: {error}")),
+        }
+    }
+    if raw.allow_any_origin && !origins.contains(&OriginPattern::Any) {
+        problems.add(format!("{key}.allow_any_origin"), "only meaningful together with origins = [\"*\"]");
+    }
+
+    let missing_origin = match raw.missing_origin.as_deref() {
+        None | Some("reject") => MissingOrigin::Reject,
+        Some("allow") => MissingOrigin::Allow,
+        Some(other) => {
+            problems.add(format!("{key}.missing_origin"), format!("{other:?} is not \"reject\" or \"allow\""));
+            MissingOrigin::Reject
+        }
+    };
+    let origin_mode = match raw.origin_mode.as_deref() {
+        None | Some("enforce") => OriginMode::Enforce,
+        Some("report") => OriginMode::Report,
+        Some(other) => {
+            problems.add(format!("{key}.origin_mode"), format!("{other:?} is not \"enforce\" or \"report\""));
+            OriginMode::Enforce
+        }
+    };
+    if let Some(list) = &raw.subprotocols {
+        if list.is_empty() {
+            problems.add(format!("{key}.subprotocols"), "an empty list would refuse every client; leave the key out instead");
+        }
+        for (position, token) in list.iter().enumerate() {
+            if token.is_empty() || !token.bytes().all(crate::headers::is_token_byte) {
+                problems.add(format!("{key}.subprotocols[{position}]"), format!("{token:?} is not an HTTP token"));
+            }
+        }
+    }
+    let idle_timeout = problems.duration(&format!("{key}.idle_timeout"), raw.idle_timeout.as_deref(), DEFAULT_IDLE_TIMEOUT);
+    let handshake_timeout = problems.duration(&format!("{key}.handshake_timeout"), raw.handshake_timeout.as_deref(), Duration::from_secs(10));
+    let allow_ips = raw.allow_ips.as_ref().map(|list| problems.cidrs(&format!("{key}.allow_ips"), list));
+    let deny_ips = problems.cidrs(&format!("{key}.deny_ips"), raw.deny_ips.as_deref().unwrap_or_default());
+    if raw.auth.is_some() {
+        problems.not_supported(&format!("{key}.auth"));
+    }
+
+    let name = raw.name.clone().unwrap_or_else(|| format!("{}{}", host.as_deref().unwrap_or(""), path));
+    Some(RouteConfig {
+        name,
+        host,
+        path,
+        upstream: upstream?,
+        websocket,
+        origins,
+        missing_origin,
+        origin_mode,
+        subprotocols: raw.subprotocols.clone(),
+        idle_timeout,
+        handshake_timeout,
+        allow_ips,
+        deny_ips,
+    })
+}
+
+fn check_duplicate_routes(routes: &[Arc<RouteConfig>], problems: &mut Problems) {
+    for (later, route) in routes.iter().enumerate() {
+        if let Some(earlier) = routes[..later].iter().position(|other| other.host == route.host && other.path == route.path) {
+            problems.add(
+                format!("route[{later}]"),
+                format!("same host and path as route[{earlier}], so it could never be chosen"),
+            );
+        }
+    }
+}

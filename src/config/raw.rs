@@ -1,0 +1,126 @@
+//! The config file exactly as serde reads it: strings where the engine wants
+//! parsed types, so that every value can be validated with its key path.
+//! `deny_unknown_fields` everywhere, because an unknown key is a typo.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub listener: Vec<RawListener>,
+    #[serde(default)]
+    pub server: RawServer,
+    pub admin: Option<RawAdmin>,
+    #[serde(default)]
+    pub upstream: BTreeMap<String, RawUpstream>,
+    #[serde(default)]
+    pub route: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub addr: String,
+    pub tls: Option<RawTls>,
+    #[serde(default)]
+    pub proxy_protocol: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub certs: Vec<RawCert>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCert {
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    pub max_connections: Option<i64>,
+    pub header_timeout: Option<String>,
+    pub max_header_bytes: Option<i64>,
+    pub drain_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub addr: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub servers: Vec<String>,
+    pub balance: Option<String>,
+    pub connect_timeout: Option<String>,
+    #[serde(default)]
+    pub tls: bool,
+    pub ca: Option<String>,
+    pub health_check: Option<RawHealthCheck>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    pub path: String,
+    pub interval: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// Label for logs and metrics; defaults to `host` + `path`.
+    pub name: Option<String>,
+    pub host: Option<String>,
+    pub path: Option<String>,
+    pub upstream: String,
+    pub websocket: Option<String>,
+    pub origins: Option<Vec<String>>,
+    #[serde(default)]
+    pub allow_any_origin: bool,
+    pub missing_origin: Option<String>,
+    pub origin_mode: Option<String>,
+    pub subprotocols: Option<Vec<String>>,
+    pub idle_timeout: Option<String>,
+    pub handshake_timeout: Option<String>,
+    pub allow_ips: Option<Vec<String>>,
+    pub deny_ips: Option<Vec<String>>,
+    pub auth: Option<RawAuth>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    pub jwt_secret_env: Option<String>,
+    /// HS secret read from a file (Docker/Kubernetes secrets), trailing newline ignored.
+    pub jwt_secret_file: Option<String>,
+    pub jwt_public_key: Option<String>,
+    pub jwks_file: Option<String>,
+    pub token_query: Option<String>,
+    pub token_cookie: Option<String>,
+    pub required_scope: Option<String>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub leeway: Option<String>,
+    #[serde(default)]
+    pub forward_claims: BTreeMap<String, String>,
+    #[serde(default)]
+    pub strip_token: bool,
+    pub forward: Option<String>,
+    pub forward_timeout: Option<String>,
+    /// Response headers of the forward-auth service copied to the upstream request.
+    #[serde(default)]
+    pub forward_response_headers: Vec<String>,
+}

@@ -1,0 +1,311 @@
+//! Header rules on the way to the backend: hop-by-hop stripping, WebSocket
+//! upgrade detection, client-IP resolution and the forwarding headers
+//! (`X-Forwarded-*`, `X-Real-IP`, RFC 7239 `Forwarded`). Pure functions over
+//! `HeaderMap`, so each rule is unit-tested on its own.
+
+use std::net::IpAddr;
+
+use http::header::{CONNECTION, HOST, UPGRADE};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use ipnet::IpNet;
+
+/// RFC 9110 §5.6.2 `tchar`.
+pub fn is_token_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
+}
+
+/// Comma-separated tokens across every instance of `name`, trimmed.
+pub fn list_tokens<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+}
+
+fn has_token(headers: &HeaderMap, name: &HeaderName, wanted: &str) -> bool {
+    list_tokens(headers, name).any(|token| token.eq_ignore_ascii_case(wanted))
+}
+
+/// RFC 6455 §4.2.1: `Connection` includes the token `Upgrade` and `Upgrade`
+/// includes `websocket`, both case-insensitive and possibly among others.
+pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    has_token(headers, &CONNECTION, "upgrade") && has_token(headers, &UPGRADE, "websocket")
+}
+
+/// Headers that describe one connection, never the message (RFC 9110 §7.6.1),
+/// plus `Proxy-Authorization`, which is meant for this proxy alone.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// RFC 9110 §7.6.1: "a proxy or gateway MUST parse a received Connection header
+/// field before a message is forwarded and, for each connection-option in this
+/// field, remove any header or trailer field(s) from the message with the same
+/// name", then drop the fixed hop-by-hop set. For a WebSocket upgrade the
+/// upgrade itself is end-to-end in effect, so `Upgrade` is kept and
+/// `Connection: Upgrade` put back.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, websocket_upgrade: bool) {
+    let named: Vec<HeaderName> = list_tokens(headers, &CONNECTION)
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+        .filter(|name| !(websocket_upgrade && *name == UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        if websocket_upgrade && name == "upgrade" {
+            continue;
+        }
+        headers.remove(name);
+    }
+    if websocket_upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    }
+}
+
+pub fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
+    let ip = ip.to_canonical();
+    trusted.iter().any(|net| net.contains(&ip))
+}
+
+/// The client's address, as nginx's realip with `real_ip_recursive on`: the
+/// peer itself unless it is a trusted proxy; then the right-most
+/// `X-Forwarded-For` entry that is not itself trusted. A malformed entry stops
+/// the walk, keeping the last address we could vouch for.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let mut client = peer.to_canonical();
+    if !is_trusted(client, trusted) {
+        return client;
+    }
+    let entries: Vec<&str> = list_tokens(headers, &HeaderName::from_static("x-forwarded-for")).collect();
+    for entry in entries.iter().rev() {
+        let Some(ip) = parse_forwarded_ip(entry) else { break };
+        client = ip.to_canonical();
+        if !is_trusted(client, trusted) {
+            break;
+        }
+    }
+    client
+}
+
+/// Accepts `1.2.3.4`, `1.2.3.4:5678`, `::1` and `[::1]:5678`.
+fn parse_forwarded_ip(entry: &str) -> Option<IpAddr> {
+    if let Ok(ip) = entry.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Some(rest) = entry.strip_prefix('[') {
+        return rest.split_once(']').and_then(|(ip, _)| ip.parse().ok());
+    }
+    entry
+        .rsplit_once(':')
+        .and_then(|(ip, _)| ip.parse::<std::net::Ipv4Addr>().ok())
+        .map(IpAddr::V4)
+}
+
+/// What the forwarding headers are computed from.
+pub struct Hop {
+    /// The TCP peer (or the PROXY header's source).
+    pub peer: IpAddr,
+    pub peer_trusted: bool,
+    pub client_ip: IpAddr,
+    pub tls: bool,
+}
+
+/// Sets `X-Forwarded-For/Proto/Host`, `X-Real-IP` and `Forwarded`. From a
+/// trusted peer the incoming chain is extended and its proto/host kept; from
+/// anyone else the incoming values are lies or noise and are replaced.
+pub fn set_forwarding_headers(headers: &mut HeaderMap, hop: &Hop) {
+    let peer = hop.peer.to_canonical();
+    let proto = if hop.tls { "https" } else { "http" };
+    let host = headers.get(HOST).cloned();
+
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let chain = hop
+        .peer_trusted
+        .then(|| joined(headers, &xff))
+        .flatten()
+        .map(|incoming| format!("{incoming}, {peer}"))
+        .unwrap_or_else(|| peer.to_string());
+    set(headers, xff, &chain);
+
+    let xfp = HeaderName::from_static("x-forwarded-proto");
+    if !(hop.peer_trusted && headers.contains_key(&xfp)) {
+        headers.insert(xfp, HeaderValue::from_static(proto));
+    }
+    let xfh = HeaderName::from_static("x-forwarded-host");
+    if !(hop.peer_trusted && headers.contains_key(&xfh)) {
+        match &host {
+            Some(host) => {
+                headers.insert(xfh, host.clone());
+            }
+            None => {
+                headers.remove(xfh);
+            }
+        }
+    }
+    set(headers, HeaderName::from_static("x-real-ip"), &hop.client_ip.to_canonical().to_string());
+
+    let mut element = format!("for={}", forwarded_node(peer));
+    element.push_str(";proto=");
+    element.push_str(proto);
+    if let Some(host) = host.as_ref().and_then(|host| host.to_str().ok()) {
+        element.push_str(";host=");
+        element.push_str(&forwarded_value(host));
+    }
+    let forwarded = HeaderName::from_static("forwarded");
+    let value = hop
+        .peer_trusted
+        .then(|| joined(headers, &forwarded))
+        .flatten()
+        .map(|incoming| format!("{incoming}, {element}"))
+        .unwrap_or(element);
+    set(headers, forwarded, &value);
+}
+
+/// All instances of a header joined with ", " (RFC 9110 §5.3 list semantics).
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let values: Vec<&str> = headers.get_all(name).iter().filter_map(|value| value.to_str().ok()).collect();
+    (!values.is_empty()).then(|| values.join(", "))
+}
+
+fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(name, value);
+    }
+}
+
+/// RFC 7239 §6: IPv6 nodes are bracketed, and then must be a quoted-string.
+fn forwarded_node(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    }
+}
+
+/// RFC 7239 §4: a value is a token or a quoted-string.
+fn forwarded_value(value: &str) -> String {
+    if !value.is_empty() && value.bytes().all(is_token_byte) {
+        return value.to_owned();
+    }
+    let escaped = value.replace('\\', "\\\\").replace('"', "\\\"");
+    format!("\"{escaped}\"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
+        }
+        headers
+    }
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|net| net.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn upgrade_detection_is_token_based_and_case_insensitive() {
+        assert!(is_websocket_upgrade(&map(&[("connection", "keep-alive, Upgrade"), ("upgrade", "WebSocket")])));
+        assert!(is_websocket_upgrade(&map(&[("connection", "keep-alive"), ("connection", "upgrade"), ("upgrade", "websocket")])));
+        assert!(!is_websocket_upgrade(&map(&[("connection", "upgrades"), ("upgrade", "websocket")])));
+        assert!(!is_websocket_upgrade(&map(&[("upgrade", "websocket")])));
+        assert!(!is_websocket_upgrade(&map(&[("connection", "upgrade"), ("upgrade", "h2c")])));
+    }
+
+    #[test]
+    fn strips_fixed_and_connection_named_headers() {
+        let mut headers = map(&[
+            ("connection", "Upgrade, X-Secret, keep-alive"),
+            ("upgrade", "websocket"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("trailer", "x-checksum"),
+            ("proxy-authorization", "Basic abc"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("origin", "https://app.example.com"),
+        ]);
+        strip_hop_by_hop(&mut headers, true);
+        assert_eq!(headers["connection"], "Upgrade");
+        assert_eq!(headers["upgrade"], "websocket");
+        for gone in ["x-secret", "keep-alive", "proxy-connection", "te", "trailer", "proxy-authorization"] {
+            assert!(!headers.contains_key(gone), "{gone} survived");
+        }
+        assert_eq!(headers["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
+        assert_eq!(headers["origin"], "https://app.example.com");
+
+        let mut plain = map(&[("connection", "upgrade"), ("upgrade", "h2c"), ("accept", "*/*")]);
+        strip_hop_by_hop(&mut plain, false);
+        assert!(!plain.contains_key("upgrade") && !plain.contains_key("connection"));
+        assert_eq!(plain["accept"], "*/*");
+    }
+
+    #[test]
+    fn client_ip_walks_xff_only_through_trusted_hops() {
+        let trusted = nets(&["127.0.0.1/32", "10.0.0.0/8"]);
+        let peer: IpAddr = "127.0.0.1".parse().unwrap();
+        let headers = map(&[("x-forwarded-for", "6.6.6.6, 203.0.113.9, 10.1.1.1")]);
+        assert_eq!(client_ip(peer, &headers, &trusted), "203.0.113.9".parse::<IpAddr>().unwrap());
+        let untrusted: IpAddr = "192.0.2.7".parse().unwrap();
+        assert_eq!(client_ip(untrusted, &headers, &trusted), untrusted);
+        let all_trusted = map(&[("x-forwarded-for", "10.0.0.2, 10.0.0.3")]);
+        assert_eq!(client_ip(peer, &all_trusted, &trusted), "10.0.0.2".parse::<IpAddr>().unwrap());
+        let garbage = map(&[("x-forwarded-for", "203.0.113.9, not-an-ip")]);
+        assert_eq!(client_ip(peer, &garbage, &trusted), peer);
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert_eq!(client_ip(mapped, &headers, &trusted), "203.0.113.9".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn untrusted_peer_gets_its_forwarding_headers_replaced() {
+        let mut headers = map(&[
+            ("host", "app.example.com:8443"),
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-proto", "http"),
+            ("x-forwarded-host", "evil.test"),
+            ("forwarded", "for=1.1.1.1"),
+            ("x-real-ip", "1.1.1.1"),
+        ]);
+        let peer: IpAddr = "192.0.2.7".parse().unwrap();
+        set_forwarding_headers(&mut headers, &Hop { peer, peer_trusted: false, client_ip: peer, tls: true });
+        assert_eq!(headers["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(headers["x-forwarded-proto"], "https");
+        assert_eq!(headers["x-forwarded-host"], "app.example.com:8443");
+        assert_eq!(headers["x-real-ip"], "192.0.2.7");
+        assert_eq!(headers["forwarded"], "for=192.0.2.7;proto=https;host=\"app.example.com:8443\"");
+    }
+
+    #[test]
+    fn trusted_peer_chain_is_extended_and_its_proto_kept() {
+        let mut headers = map(&[
+            ("host", "app.example.com"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-proto", "https"),
+            ("forwarded", "for=203.0.113.9;proto=https"),
+        ]);
+        let peer: IpAddr = "::1".parse().unwrap();
+        let client: IpAddr = "203.0.113.9".parse().unwrap();
+        set_forwarding_headers(&mut headers, &Hop { peer, peer_trusted: true, client_ip: client, tls: false });
+        assert_eq!(headers["x-forwarded-for"], "203.0.113.9, ::1");
+        assert_eq!(headers["x-forwarded-proto"], "https");
+        assert_eq!(headers["x-forwarded-host"], "app.example.com");
+        assert_eq!(headers["x-real-ip"], "203.0.113.9");
+        assert_eq!(headers["forwarded"], "for=203.0.113.9;proto=https, for=\"[::1]\";proto=http;host=app.example.com");
+    }
+}

@@ -1,0 +1,157 @@
+//! The `wsgate` command line: parse arguments, set up logging, call the
+//! library, map the result to an exit code.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing_subscriber::EnvFilter;
+use wsgate::{Config, Proxy};
+
+#[derive(Parser)]
+#[command(name = "wsgate", version, about = "A WebSocket-aware reverse proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the config until SIGINT/SIGTERM; SIGHUP reloads it.
+    Run(ConfigArg),
+    /// Validate the config like `nginx -t`: print `config ok` or every problem.
+    Check(ConfigArg),
+    /// Echo backend + proxy with TLS + a scripted run through it, in one process.
+    Demo,
+    /// Load-test WebSocket upgrade passthrough.
+    Load(wsgate::load::LoadArgs),
+    /// Write a self-signed development certificate and key (ECDSA P-256).
+    Cert(CertArgs),
+    /// Run a WebSocket echo backend (for trying wsgate out and for benchmarks).
+    Echo {
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: std::net::SocketAddr,
+    },
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// Config file.
+    #[arg(short = 'c', long = "config", default_value = "proxy.toml")]
+    config: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct CertArgs {
+    /// Folder to write NAME.crt and NAME.key into.
+    #[arg(long, default_value = "certs")]
+    out: PathBuf,
+    /// File name stem.
+    #[arg(long, default_value = "localhost")]
+    name: String,
+    /// DNS names / IP addresses the certificate is for.
+    #[arg(default_values_t = ["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()])]
+    hosts: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("wsgate: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let command = cli.command.unwrap_or(Command::Run(ConfigArg {
+        config: PathBuf::from("proxy.toml"),
+    }));
+    let result = runtime.block_on(async move {
+        match command {
+            Command::Run(args) => serve(&args.config).await.map(|()| ExitCode::SUCCESS),
+            Command::Check(args) => Ok(check(&args.config)),
+            Command::Demo => wsgate::demo::run().await.map(|passed| if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE }),
+            Command::Load(args) => wsgate::load::run(args).await,
+            Command::Cert(args) => write_certificate(&args).map(|()| ExitCode::SUCCESS),
+            Command::Echo { listen } => {
+                let listener = tokio::net::TcpListener::bind(listen).await?;
+                eprintln!("echo backend listening on ws://{}", listener.local_addr()?);
+                wsgate::echo::serve(listener).await;
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("wsgate: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(_) => {
+            println!("config ok");
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            println!("{errors}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let proxy = Proxy::bind(&config).await?;
+    for addr in proxy.local_addrs() {
+        tracing::info!(%addr, "listening");
+    }
+    let reloader = proxy.reloader();
+    let mut hangups = signal(SignalKind::hangup())?;
+    let config_path = path.to_path_buf();
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            // A bad new config must never take the running one down.
+            let outcome = Config::load(&config_path)
+                .map_err(|errors| errors.to_string())
+                .and_then(|config| reloader.apply(&config));
+            if let Err(error) = outcome {
+                tracing::error!(%error, "reload refused; the previous configuration keeps serving");
+            }
+        }
+    });
+    let mut terminate = signal(SignalKind::terminate())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+    };
+    proxy.serve(shutdown).await
+}
+
+fn write_certificate(args: &CertArgs) -> anyhow::Result<()> {
+    let (cert, key) = wsgate::tls::generate_dev_certificate(&args.hosts)?;
+    std::fs::create_dir_all(&args.out)?;
+    let cert_path = args.out.join(format!("{}.crt", args.name));
+    let key_path = args.out.join(format!("{}.key", args.name));
+    std::fs::write(&cert_path, cert)?;
+    write_private(&key_path, key.as_bytes())?;
+    println!("wrote {} and {} for {}", cert_path.display(), key_path.display(), args.hosts.join(", "));
+    Ok(())
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    file.write_all(bytes)
+}

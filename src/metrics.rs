@@ -1,0 +1,194 @@
+//! Prometheus metrics, names and labels as the contract fixes them.
+//!
+//! Per-route handles are created once per config (prometheus-client metrics
+//! are shared atomics behind an `Arc`), so the per-handshake and per-tunnel
+//! paths never build a label set; only rare events (a rejection reason, an
+//! HTTP status) look their series up by label.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::tunnel::TunnelOutcome;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    route: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    route: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    route: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabels {
+    route: String,
+    cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    route: String,
+    status: u16,
+}
+
+fn duration_histogram() -> Histogram {
+    // 0.5 ms … ~16 s: a loopback handshake to a slow backend behind TLS.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// Every metric family; one per process, shared across config reloads so
+/// counters survive a SIGHUP.
+pub struct Metrics {
+    registry: Registry,
+    handshakes: Family<OutcomeLabels, Counter>,
+    rejections: Family<ReasonLabels, Counter>,
+    tunnels_active: Family<RouteLabel, Gauge>,
+    tunnel_bytes: Family<DirectionLabels, Counter>,
+    tunnels_closed: Family<CauseLabels, Counter>,
+    handshake_duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    http_requests: Family<StatusLabels, Counter>,
+    origin_reports: Family<RouteLabel, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::default();
+        let handshakes = Family::default();
+        let rejections = Family::default();
+        let tunnels_active = Family::default();
+        let tunnel_bytes = Family::default();
+        let tunnels_closed = Family::default();
+        let handshake_duration = Family::new_with_constructor(duration_histogram as fn() -> Histogram);
+        let http_requests = Family::default();
+        let origin_reports = Family::default();
+        // prometheus-client appends `_total` to counters itself.
+        registry.register("wsgate_handshakes", "WebSocket handshakes by outcome", handshakes.clone());
+        registry.register("wsgate_rejections", "Requests refused at the edge, by reason code", rejections.clone());
+        registry.register("wsgate_tunnels_active", "WebSocket tunnels open now", tunnels_active.clone());
+        registry.register("wsgate_tunnel_bytes", "Bytes spliced through tunnels", tunnel_bytes.clone());
+        registry.register("wsgate_tunnels_closed", "Tunnels ended, by cause", tunnels_closed.clone());
+        registry.register(
+            "wsgate_handshake_duration_seconds",
+            "Time from request head to the 101 being sent",
+            handshake_duration.clone(),
+        );
+        registry.register("wsgate_http_requests", "Plain HTTP requests by response status", http_requests.clone());
+        registry.register(
+            "wsgate_origin_reports",
+            "Would-be origin rejections let through by origin_mode = \"report\"",
+            origin_reports.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            handshakes,
+            rejections,
+            tunnels_active,
+            tunnel_bytes,
+            tunnels_closed,
+            handshake_duration,
+            http_requests,
+            origin_reports,
+        })
+    }
+
+    /// Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+            text.clear();
+        }
+        text
+    }
+
+    pub fn route(self: &Arc<Self>, route: &str) -> RouteMetrics {
+        let name = route.to_owned();
+        let outcome = |outcome| self.handshakes.get_or_create(&OutcomeLabels { route: name.clone(), outcome }).clone();
+        let direction =
+            |direction| self.tunnel_bytes.get_or_create(&DirectionLabels { route: name.clone(), direction }).clone();
+        let label = RouteLabel { route: name.clone() };
+        RouteMetrics {
+            upgraded: outcome("upgraded"),
+            rejected: outcome("rejected"),
+            upstream_error: outcome("upstream_error"),
+            tunnels_active: self.tunnels_active.get_or_create(&label).clone(),
+            bytes_to_upstream: direction("client_to_upstream"),
+            bytes_to_client: direction("upstream_to_client"),
+            handshake_duration: self.handshake_duration.get_or_create(&label).clone(),
+            origin_reports: self.origin_reports.get_or_create(&label).clone(),
+            family: self.clone(),
+            name,
+        }
+    }
+}
+
+/// The series of one route, ready to bump.
+#[derive(Clone)]
+pub struct RouteMetrics {
+    pub upgraded: Counter,
+    pub rejected: Counter,
+    pub upstream_error: Counter,
+    pub tunnels_active: Gauge,
+    pub bytes_to_upstream: Counter,
+    pub bytes_to_client: Counter,
+    pub handshake_duration: Histogram,
+    pub origin_reports: Counter,
+    family: Arc<Metrics>,
+    name: String,
+}
+
+impl std::fmt::Debug for RouteMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RouteMetrics({})", self.name)
+    }
+}
+
+impl RouteMetrics {
+    pub fn rejection(&self, reason: &'static str) {
+        self.family
+            .rejections
+            .get_or_create(&ReasonLabels { route: self.name.clone(), reason })
+            .inc();
+    }
+
+    pub fn http_status(&self, status: u16) {
+        self.family
+            .http_requests
+            .get_or_create(&StatusLabels { route: self.name.clone(), status })
+            .inc();
+    }
+
+    pub fn tunnel_closed(&self, outcome: &TunnelOutcome) {
+        self.bytes_to_upstream.inc_by(outcome.client_to_upstream);
+        self.bytes_to_client.inc_by(outcome.upstream_to_client);
+        self.family
+            .tunnels_closed
+            .get_or_create(&CauseLabels { route: self.name.clone(), cause: outcome.cause.as_str() })
+            .inc();
+    }
+}

@@ -1,0 +1,153 @@
+//! Edge policy: each check is a pure function of the route and the request
+//! head that either passes or returns the [`Rejection`] to send. The proxy
+//! runs them in the contract's order: IP, request shape, origin, token, scope,
+//! subprotocol — so a forbidden IP never learns whether its token was good.
+
+pub mod auth;
+pub mod origin;
+
+use std::net::IpAddr;
+
+use base64::Engine;
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+
+use crate::config::{MissingOrigin, OriginMode, RouteConfig, WebSocketMode};
+use crate::error::Rejection;
+use crate::headers::list_tokens;
+
+const SEC_WEBSOCKET_KEY: HeaderName = HeaderName::from_static("sec-websocket-key");
+const SEC_WEBSOCKET_VERSION: HeaderName = HeaderName::from_static("sec-websocket-version");
+pub const SEC_WEBSOCKET_PROTOCOL: HeaderName = HeaderName::from_static("sec-websocket-protocol");
+
+/// `allow_ips` (when set) must contain the client, and `deny_ips` must not.
+/// IPv4-mapped IPv6 clients are compared as IPv4.
+pub fn check_ip(route: &RouteConfig, client: IpAddr) -> Result<(), Rejection> {
+    let client = client.to_canonical();
+    let allowed = route
+        .allow_ips
+        .as_ref()
+        .is_none_or(|nets| nets.iter().any(|net| net.contains(&client)));
+    if allowed && !route.deny_ips.iter().any(|net| net.contains(&client)) {
+        Ok(())
+    } else {
+        Err(Rejection::IpForbidden { ip: client })
+    }
+}
+
+/// `websocket = required | allowed | forbidden`, then RFC 6455 §4.2.1: a GET
+/// with exactly one `Sec-WebSocket-Key` that decodes to 16 bytes and
+/// `Sec-WebSocket-Version: 13`.
+pub fn check_shape(route: &RouteConfig, method: &Method, headers: &HeaderMap, upgrade: bool) -> Result<(), Rejection> {
+    match (route.websocket, upgrade) {
+        (WebSocketMode::Required, false) => return Err(Rejection::UpgradeRequired),
+        (WebSocketMode::Forbidden, true) => return Err(Rejection::WebSocketForbidden),
+        (_, false) => return Ok(()),
+        (_, true) => {}
+    }
+    if method != Method::GET {
+        return Err(Rejection::BadHandshake { detail: "the method must be GET" });
+    }
+    let mut keys = headers.get_all(SEC_WEBSOCKET_KEY).iter();
+    let key_is_valid = match (keys.next(), keys.next()) {
+        (Some(key), None) => base64::engine::general_purpose::STANDARD
+            .decode(key.as_bytes())
+            .is_ok_and(|nonce| nonce.len() == 16),
+        _ => false,
+    };
+    if !key_is_valid {
+        return Err(Rejection::BadHandshake {
+            detail: "Sec-WebSocket-Key must be one base64 value of 16 bytes",
+        });
+    }
+    let mut versions = headers.get_all(SEC_WEBSOCKET_VERSION).iter();
+    match (versions.next(), versions.next()) {
+        (None, _) => Err(Rejection::BadHandshake { detail: "Sec-WebSocket-Version is missing" }),
+        (Some(version), None) if version.as_bytes() == b"13" => Ok(()),
+        (Some(version), _) => Err(Rejection::BadVersion {
+            version: String::from_utf8_lossy(version.as_bytes()).into_owned(),
+        }),
+    }
+}
+
+/// The origin decision. In report mode a would-be rejection is handed back as
+/// `Ok(Some(..))` so the proxy can log and count it and carry on.
+pub fn check_origin(route: &RouteConfig, headers: &HeaderMap) -> Result<Option<Rejection>, Rejection> {
+    let verdict = origin_verdict(route, headers);
+    match (verdict, route.origin_mode) {
+        (Ok(()), _) => Ok(None),
+        (Err(rejection), OriginMode::Report) => Ok(Some(rejection)),
+        (Err(rejection), OriginMode::Enforce) => Err(rejection),
+    }
+}
+
+fn origin_verdict(route: &RouteConfig, headers: &HeaderMap) -> Result<(), Rejection> {
+    let mut values = headers.get_all(http::header::ORIGIN).iter();
+    let value = match (values.next(), values.next()) {
+        (None, _) => {
+            return match route.missing_origin {
+                MissingOrigin::Allow => Ok(()),
+                MissingOrigin::Reject => Err(Rejection::OriginMissing),
+            };
+        }
+        (Some(_), Some(_)) => {
+            return Err(Rejection::OriginForbidden {
+                detail: "the request carries more than one Origin header".to_owned(),
+            });
+        }
+        (Some(value), None) => value,
+    };
+    let text = String::from_utf8_lossy(value.as_bytes());
+    if origin::is_allowed(&route.origins, &text) {
+        return Ok(());
+    }
+    let detail = if route.origins.is_empty() {
+        format!("origin {text:?} is not allowed: route {:?} lists no origins", route.name)
+    } else {
+        format!("origin {text:?} is not in the allowlist of route {:?}", route.name)
+    };
+    Err(Rejection::OriginForbidden { detail })
+}
+
+/// With `subprotocols` set, the client must offer at least one of them; the
+/// offer forwarded is narrowed to the allowed ones, in the client's order, so
+/// the backend can only pick an allowed one. Returns the header value to
+/// forward, or `None` to leave the request as it is.
+pub fn check_subprotocols(route: &RouteConfig, headers: &HeaderMap) -> Result<Option<HeaderValue>, Rejection> {
+    let Some(allowed) = &route.subprotocols else { return Ok(None) };
+    let offered: Vec<&str> = list_tokens(headers, &SEC_WEBSOCKET_PROTOCOL).collect();
+    let kept: Vec<&str> = offered
+        .iter()
+        .copied()
+        .filter(|token| allowed.iter().any(|allowed| allowed == token))
+        .collect();
+    if kept.is_empty() {
+        let offered = if offered.is_empty() { "none".to_owned() } else { offered.join(", ") };
+        return Err(Rejection::SubprotocolForbidden { offered });
+    }
+    HeaderValue::from_str(&kept.join(", "))
+        .map(Some)
+        .map_err(|_| Rejection::BadHandshake { detail: "Sec-WebSocket-Protocol is not a token list" })
+}
+
+/// RFC 6455 §4.1: the client fails the connection if the server selects a
+/// subprotocol it did not offer, so such a 101 is not passed on.
+pub fn check_selected_subprotocol(forwarded_offer: &HeaderMap, response: &HeaderMap) -> Result<(), Rejection> {
+    let mut selected = response.get_all(SEC_WEBSOCKET_PROTOCOL).iter();
+    let choice = match (selected.next(), selected.next()) {
+        (None, _) => return Ok(()),
+        (Some(_), Some(_)) => {
+            return Err(Rejection::UpstreamProtocol {
+                detail: "the backend selected more than one subprotocol".to_owned(),
+            });
+        }
+        (Some(choice), None) => choice,
+    };
+    let choice = choice.to_str().unwrap_or_default().trim();
+    if list_tokens(forwarded_offer, &SEC_WEBSOCKET_PROTOCOL).any(|offered| offered == choice) {
+        Ok(())
+    } else {
+        Err(Rejection::UpstreamProtocol {
+            detail: format!("the backend selected subprotocol {choice:?}, which the client did not offer"),
+        })
+    }
+}

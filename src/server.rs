@@ -1,0 +1,339 @@
+//! Listeners, the accept loop, TLS handshakes with a timeout, the connection
+//! limit, config reloads and graceful shutdown.
+//!
+//! Shutdown has to track tunnels itself: hyper's connection future ends at
+//! the upgrade, so its graceful shutdown never sees a WebSocket. Every
+//! connection and tunnel task lives in one [`TaskTracker`]; on shutdown we
+//! stop accepting, let hyper finish in-flight requests, give tunnels
+//! `drain_timeout` to end by themselves, then cancel `drain` to cut the rest.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::error::Rejection;
+use crate::metrics::Metrics;
+use crate::proxy::{self, Connection};
+use crate::state::State;
+
+/// Holds one unit of `max_connections` until dropped.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Applies new configs to a running proxy (SIGHUP, or tests).
+#[derive(Clone)]
+pub struct Reloader {
+    state: Arc<watch::Sender<Arc<State>>>,
+    metrics: Arc<Metrics>,
+    listener_addrs: Arc<Vec<SocketAddr>>,
+    config_listeners: Arc<Mutex<Vec<(SocketAddr, bool)>>>,
+}
+
+impl Reloader {
+    /// Swaps in `config` for new connections; established ones keep theirs.
+    /// Listener addresses cannot change while running: that needs a restart.
+    pub fn apply(&self, config: &Config) -> Result<(), String> {
+        let wanted: Vec<(SocketAddr, bool)> = config.listeners.iter().map(|l| (l.addr, l.tls.is_some())).collect();
+        let current = self.config_listeners.lock().map_err(|_| "reload state poisoned")?.clone();
+        if wanted != current {
+            return Err("listener addresses or TLS on/off changed; restart wsgate to apply that".to_owned());
+        }
+        let state = State::build(config, &self.metrics)?;
+        self.state.send_replace(Arc::new(state));
+        tracing::info!(listeners = ?self.listener_addrs, "configuration reloaded");
+        Ok(())
+    }
+}
+
+/// A bound, not yet serving proxy. Binding first lets callers (and tests)
+/// learn the real addresses of port-0 listeners before traffic starts.
+pub struct Proxy {
+    listeners: Vec<(usize, TcpListener)>,
+    admin: Option<TcpListener>,
+    state: Arc<watch::Sender<Arc<State>>>,
+    metrics: Arc<Metrics>,
+    reloader: Reloader,
+}
+
+impl Proxy {
+    pub async fn bind(config: &Config) -> anyhow::Result<Proxy> {
+        raise_open_file_limit();
+        let metrics = Metrics::new();
+        let state = State::build(config, &metrics).map_err(anyhow::Error::msg)?;
+        let mut listeners = Vec::new();
+        for (index, listener) in config.listeners.iter().enumerate() {
+            let bound = TcpListener::bind(listener.addr)
+                .await
+                .map_err(|error| anyhow::anyhow!("cannot listen on {} (listener[{index}]): {error}", listener.addr))?;
+            listeners.push((index, bound));
+        }
+        let admin = match config.admin {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|error| anyhow::anyhow!("cannot listen on {addr} (admin.addr): {error}"))?,
+            ),
+            None => None,
+        };
+        let state = Arc::new(watch::Sender::new(Arc::new(state)));
+        let listener_addrs = Arc::new(listeners.iter().filter_map(|(_, l)| l.local_addr().ok()).collect());
+        let reloader = Reloader {
+            state: state.clone(),
+            metrics: metrics.clone(),
+            listener_addrs,
+            config_listeners: Arc::new(Mutex::new(
+                config.listeners.iter().map(|l| (l.addr, l.tls.is_some())).collect(),
+            )),
+        };
+        Ok(Proxy {
+            listeners,
+            admin,
+            state,
+            metrics,
+            reloader,
+        })
+    }
+
+    /// Actual listener addresses, in config order.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().filter_map(|(_, listener)| listener.local_addr().ok()).collect()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|listener| listener.local_addr().ok())
+    }
+
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
+    }
+
+    /// Serves until `shutdown` completes, then drains.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let stop_accepting = CancellationToken::new();
+        let drain = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let open_connections = Arc::new(AtomicUsize::new(0));
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
+
+        let mut accept_loops = Vec::new();
+        for (index, listener) in self.listeners {
+            let context = AcceptContext {
+                listener_index: index,
+                state: self.state.subscribe(),
+                tracker: tracker.clone(),
+                stop_accepting: stop_accepting.clone(),
+                drain: drain.clone(),
+                open_connections: open_connections.clone(),
+            };
+            accept_loops.push(tokio::spawn(accept_loop(listener, context)));
+        }
+        let stopped = CancellationToken::new();
+        let _stop_admin = stopped.clone().drop_guard();
+        if let Some(admin) = self.admin {
+            tokio::spawn(crate::admin::serve(admin, self.metrics.clone(), ready.clone(), stopped));
+        }
+
+        shutdown.await;
+        ready.store(false, Ordering::Release);
+        let drain_timeout = self.state.borrow().server.drain_timeout;
+        tracing::info!(?drain_timeout, "shutting down: no new connections, draining");
+        stop_accepting.cancel();
+        for accept_loop in accept_loops {
+            let _ = accept_loop.await;
+        }
+        tracker.close();
+        if tokio::time::timeout(drain_timeout, tracker.wait()).await.is_err() {
+            tracing::info!(remaining = tracker.len(), "drain timeout reached; closing the remaining connections");
+            drain.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// A proxy holds two sockets per tunnel; the default soft limit of 1024 would
+/// cap it at ~500 WebSockets.
+fn raise_open_file_limit() {
+    if let Ok((soft, hard)) = rlimit::Resource::NOFILE.get() {
+        if soft < hard && rlimit::Resource::NOFILE.set(hard, hard).is_err() {
+            tracing::warn!(soft, hard, "could not raise the open-file limit");
+        }
+    }
+}
+
+struct AcceptContext {
+    listener_index: usize,
+    state: watch::Receiver<Arc<State>>,
+    tracker: TaskTracker,
+    stop_accepting: CancellationToken,
+    drain: CancellationToken,
+    open_connections: Arc<AtomicUsize>,
+}
+
+async fn accept_loop(listener: TcpListener, context: AcceptContext) {
+    let local = listener.local_addr().ok();
+    loop {
+        let accepted = tokio::select! {
+            _ = context.stop_accepting.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                let state = context.state.borrow().clone();
+                let count = context.open_connections.fetch_add(1, Ordering::AcqRel) + 1;
+                let slot = ConnectionSlot(context.open_connections.clone());
+                let connection = ConnectionTask {
+                    tcp,
+                    peer,
+                    state,
+                    slot,
+                    over_limit: count > context.open_connections_limit(),
+                    listener_index: context.listener_index,
+                    tracker: context.tracker.clone(),
+                    stop_accepting: context.stop_accepting.clone(),
+                    drain: context.drain.clone(),
+                };
+                context.tracker.spawn(connection.run());
+            }
+            Err(error) => handle_accept_error(error, local).await,
+        }
+    }
+}
+
+impl AcceptContext {
+    fn open_connections_limit(&self) -> usize {
+        self.state.borrow().server.max_connections
+    }
+}
+
+/// Per-connection failures (a client that reset before we accepted) are
+/// nobody's problem; running out of descriptors or memory is, and spinning
+/// on it would burn a core, so back off.
+async fn handle_accept_error(error: io::Error, local: Option<SocketAddr>) {
+    let resource_exhausted = matches!(
+        error.raw_os_error(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
+    );
+    if resource_exhausted {
+        tracing::error!(?local, %error, "accept failed: out of resources; backing off 100ms");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    } else {
+        tracing::debug!(?local, %error, "accept failed for one connection");
+    }
+}
+
+struct ConnectionTask {
+    tcp: TcpStream,
+    peer: SocketAddr,
+    state: Arc<State>,
+    slot: ConnectionSlot,
+    over_limit: bool,
+    listener_index: usize,
+    tracker: TaskTracker,
+    stop_accepting: CancellationToken,
+    drain: CancellationToken,
+}
+
+impl ConnectionTask {
+    async fn run(self) {
+        let _ = self.tcp.set_nodelay(true);
+        let acceptor = self.state.listener_tls.get(self.listener_index).cloned().flatten();
+        if self.over_limit {
+            self.refuse_overloaded(acceptor.is_some()).await;
+            return;
+        }
+        let peer = self.peer;
+        let connection = |tls: bool| Connection {
+            peer,
+            tls,
+            state: self.state.clone(),
+            tunnels: self.tracker.clone(),
+            drain: self.drain.clone(),
+            slot: Arc::new(self.slot),
+        };
+        match acceptor {
+            None => serve_http(self.tcp, connection(false), self.stop_accepting).await,
+            Some(acceptor) => {
+                let handshake_timeout = self.state.server.tls_handshake_timeout;
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(self.tcp)).await {
+                    Ok(Ok(tls)) => serve_http(tls, connection(true), self.stop_accepting).await,
+                    Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, ?handshake_timeout, "TLS handshake timed out"),
+                }
+            }
+        }
+    }
+
+    /// Plaintext gets a proper 503; on TLS, doing a full handshake just to say
+    /// "too busy" would spend the CPU we are short of, so the socket is closed.
+    async fn refuse_overloaded(mut self, tls: bool) {
+        tracing::warn!(peer = %self.peer, limit = self.state.server.max_connections, "max_connections reached; refusing a connection");
+        self.state.unrouted_metrics.rejection(Rejection::Overloaded.reason());
+        if tls {
+            return;
+        }
+        let response = Rejection::Overloaded.into_response();
+        let mut head = format!("HTTP/1.1 {}\r\n", response.status());
+        for (name, value) in response.headers() {
+            head.push_str(&format!("{}: {}\r\n", name, value.to_str().unwrap_or_default()));
+        }
+        let body = response.body();
+        head.push_str(&format!("content-length: {}\r\nconnection: close\r\n\r\n", body.len()));
+        let write = async {
+            self.tcp.write_all(head.as_bytes()).await?;
+            self.tcp.write_all(body).await?;
+            self.tcp.shutdown().await
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), write).await;
+    }
+}
+
+async fn serve_http<IO>(io: IO, connection: Connection, stop_accepting: CancellationToken)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let server = &connection.state.server;
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(server.header_timeout)
+        // hyper refuses a head larger than its buffer with a bare 431; keep the
+        // buffer above the limit so our own check answers with the reason.
+        .max_buf_size((server.max_header_bytes + 8192).max(8192))
+        .max_headers(512)
+        .preserve_header_case(true)
+        .keep_alive(true);
+    let peer = connection.peer;
+    let connection = Arc::new(connection);
+    let service = service_fn(move |request| proxy::handle(request, connection.clone()));
+    let serving = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
+    tokio::pin!(serving);
+    let result = tokio::select! {
+        result = serving.as_mut() => result,
+        _ = stop_accepting.cancelled() => {
+            serving.as_mut().graceful_shutdown();
+            serving.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%peer, %error, "client connection ended with an error");
+    }
+}

@@ -1,0 +1,189 @@
+//! TLS material: PEM loading, the SNI certificate resolver for listeners, the
+//! client config for `tls = true` upstreams, and development certificates.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// A certificate chain and its key as loaded from disk, with what the engine
+/// needs to know about it.
+#[derive(Debug)]
+pub struct CertPair {
+    pub cert_path: std::path::PathBuf,
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    /// DNS names from the leaf's subjectAltName (`*.example.com` kept as written).
+    pub names: Vec<String>,
+    /// Self-signed leaf: fine for development, untrusted by browsers.
+    pub self_signed: bool,
+}
+
+/// Which file of a pair failed, relative to its `certs[N]` key.
+#[derive(Debug)]
+pub struct CertError {
+    pub key: &'static str,
+    pub message: String,
+}
+
+pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|error| format!("cannot read {}: {error}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| format!("{} is not valid PEM: {error}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no CERTIFICATE block", path.display()));
+    }
+    Ok(certs)
+}
+
+impl CertPair {
+    pub fn load(cert_path: &Path, key_path: &Path) -> Result<CertPair, CertError> {
+        let chain = load_certificates(cert_path).map_err(|message| CertError { key: "cert", message })?;
+        let key = PrivateKeyDer::from_pem_file(key_path).map_err(|error| CertError {
+            key: "key",
+            message: format!("cannot read a private key from {}: {error}", key_path.display()),
+        })?;
+        let (names, self_signed) = describe_leaf(&chain[0]).map_err(|message| CertError { key: "cert", message })?;
+        let pair = CertPair {
+            cert_path: cert_path.to_path_buf(),
+            chain,
+            key,
+            names,
+            self_signed,
+        };
+        // Catch a key that does not belong to the certificate now, not at the first handshake.
+        pair.certified_key(&provider()).map_err(|message| CertError { key: "key", message })?;
+        Ok(pair)
+    }
+
+    fn certified_key(&self, provider: &CryptoProvider) -> Result<CertifiedKey, String> {
+        let signing_key = provider
+            .key_provider
+            .load_private_key(self.key.clone_key())
+            .map_err(|error| format!("unusable private key: {error}"))?;
+        let certified = CertifiedKey::new(self.chain.clone(), signing_key);
+        certified
+            .keys_match()
+            .map_err(|error| format!("the key does not match the certificate: {error}"))?;
+        Ok(certified)
+    }
+}
+
+fn describe_leaf(der: &CertificateDer<'_>) -> Result<(Vec<String>, bool), String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|error| format!("the first certificate cannot be parsed: {error}"))?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
+                names.push(dns.to_ascii_lowercase());
+            }
+        }
+    }
+    let self_signed = cert.tbs_certificate.subject.as_raw() == cert.tbs_certificate.issuer.as_raw();
+    Ok((names, self_signed))
+}
+
+pub fn provider() -> CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
+/// Chooses a listener's certificate by SNI: exact name, then `*.parent`
+/// wildcard, then the first configured pair.
+#[derive(Debug)]
+struct SniResolver {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Arc<CertifiedKey>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let Some(name) = hello.server_name() else {
+            return Some(self.default.clone());
+        };
+        let name = name.to_ascii_lowercase();
+        if let Some(found) = self.exact.get(&name) {
+            return Some(found.clone());
+        }
+        let parent = name.split_once('.').map(|(_, parent)| parent);
+        Some(
+            parent
+                .and_then(|parent| self.wildcard.get(parent))
+                .unwrap_or(&self.default)
+                .clone(),
+        )
+    }
+}
+
+/// Builds the rustls server config for a TLS listener: TLS 1.2+, ALPN http/1.1.
+pub fn server_config(pairs: &[CertPair]) -> Result<Arc<rustls::ServerConfig>, String> {
+    let provider = provider();
+    let mut exact = HashMap::new();
+    let mut wildcard = HashMap::new();
+    let mut default = None;
+    for pair in pairs {
+        let certified = Arc::new(pair.certified_key(&provider)?);
+        if pair.self_signed {
+            tracing::warn!(
+                cert = %pair.cert_path.display(),
+                "serving a self-signed development certificate; browsers will not trust it"
+            );
+        }
+        for name in &pair.names {
+            let table = match name.strip_prefix("*.") {
+                Some(parent) => wildcard.entry(parent.to_owned()),
+                None => exact.entry(name.clone()),
+            };
+            table.or_insert_with(|| certified.clone());
+        }
+        default.get_or_insert(certified);
+    }
+    let default = default.ok_or("a TLS listener needs at least one certificate")?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|error| error.to_string())?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SniResolver {
+            exact,
+            wildcard,
+            default,
+        }));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Client config for `tls = true` upstreams: webpki roots plus the upstream's `ca`.
+pub fn upstream_client_config(extra_roots: &[CertificateDer<'static>]) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for cert in extra_roots {
+        roots
+            .add(cert.clone())
+            .map_err(|error| format!("the CA certificate is not usable: {error}"))?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|error| error.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A self-signed ECDSA P-256 certificate for `names`, as (certificate PEM, key PEM).
+pub fn generate_dev_certificate(names: &[String]) -> Result<(String, String), rcgen::Error> {
+    let mut params = rcgen::CertificateParams::new(names.to_vec())?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "wsgate development certificate");
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let cert = params.self_signed(&key)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}

@@ -1,0 +1,292 @@
+//! Backend pools: server choice (round robin or least connections), connects
+//! with a timeout (falling through to the next server, as nginx's
+//! `proxy_next_upstream error timeout` does), optional verified TLS, and a
+//! pooled HTTP/1.1 client for plain requests.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::config::{Balance, UpstreamConfig};
+
+/// Why no backend connection could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("could not connect to upstream {upstream:?} ({server}): {source}")]
+    Unavailable {
+        upstream: String,
+        server: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("upstream {upstream:?} ({server}) did not accept the connection within {timeout:?}")]
+    Timeout {
+        upstream: String,
+        server: String,
+        timeout: std::time::Duration,
+    },
+}
+
+impl ConnectError {
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ConnectError::Timeout { .. })
+    }
+}
+
+/// One configured backend pool and the live state around it.
+pub struct Upstream {
+    pub config: Arc<UpstreamConfig>,
+    next: AtomicUsize,
+    /// Open connections per server, for `least_conn`.
+    active: Vec<AtomicUsize>,
+    /// Per server; only the health checker clears it. Without checks all stay true.
+    healthy: Vec<AtomicBool>,
+    tls: Option<TlsConnector>,
+    http: Client<Connector, Incoming>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream").field("name", &self.config.name).finish()
+    }
+}
+
+/// Counts a connection against its server until dropped.
+struct Lease {
+    upstream: Arc<Upstream>,
+    server: usize,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.upstream.active[self.server].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The hyper client's connector: every request to this upstream goes through
+/// [`Upstream::connect`], whatever its URI says.
+#[derive(Clone)]
+pub struct Connector {
+    upstream: std::sync::Weak<Upstream>,
+}
+
+impl tower_service::Service<http::Uri> for Connector {
+    type Response = TokioIo<UpstreamStream>;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<Self::Response, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let upstream = self.upstream.upgrade();
+        Box::pin(async move {
+            match upstream {
+                Some(upstream) => upstream.connect().await.map(TokioIo::new),
+                None => Err(ConnectError::Unavailable {
+                    upstream: String::new(),
+                    server: String::new(),
+                    source: io::Error::other("the upstream was removed by a reload"),
+                }),
+            }
+        })
+    }
+}
+
+impl Upstream {
+    pub fn new(config: Arc<UpstreamConfig>) -> Result<Arc<Upstream>, String> {
+        let tls = match &config.tls {
+            Some(tls) => Some(TlsConnector::from(crate::tls::upstream_client_config(&tls.extra_roots)?)),
+            None => None,
+        };
+        let upstream = Arc::new_cyclic(|weak| {
+            let http = Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(std::time::Duration::from_secs(90))
+                .pool_max_idle_per_host(64)
+                // Host must reach the backend exactly as the client sent it.
+                .set_host(false)
+                .http1_preserve_header_case(true)
+                .build(Connector { upstream: weak.clone() });
+            Upstream {
+                active: config.servers.iter().map(|_| AtomicUsize::new(0)).collect(),
+                healthy: config.servers.iter().map(|_| AtomicBool::new(true)).collect(),
+                config,
+                next: AtomicUsize::new(0),
+                tls,
+                http,
+            }
+        });
+        if let Some(check) = upstream.config.health_check.clone() {
+            tokio::spawn(crate::health::check_forever(Arc::downgrade(&upstream), check));
+        }
+        Ok(upstream)
+    }
+
+    /// Records a health check result; logs only transitions.
+    pub(crate) fn set_healthy(&self, index: usize, healthy: bool) {
+        let was = self.healthy[index].swap(healthy, Ordering::AcqRel);
+        if was != healthy {
+            let server = &self.config.servers[index];
+            if healthy {
+                tracing::info!(upstream = %self.config.name, %server, "server passed its health check again");
+            } else {
+                tracing::warn!(upstream = %self.config.name, %server, "server failed its health check; no new connections");
+            }
+        }
+    }
+
+    /// The pooled client for plain HTTP requests to this upstream.
+    pub fn http_client(&self) -> &Client<Connector, Incoming> {
+        &self.http
+    }
+
+    fn first_choice(&self) -> usize {
+        let count = self.config.servers.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % count;
+        match self.config.balance {
+            Balance::RoundRobin => start,
+            // Scan from the round-robin position so ties spread out.
+            Balance::LeastConn => (0..count)
+                .map(|offset| (start + offset) % count)
+                .min_by_key(|&index| self.active[index].load(Ordering::Relaxed))
+                .unwrap_or(start),
+        }
+    }
+
+    /// Connects to a server of the pool, trying each once from the balancer's
+    /// choice; the last error is returned when all fail.
+    pub async fn connect(self: &Arc<Self>) -> Result<UpstreamStream, ConnectError> {
+        let count = self.config.servers.len();
+        let first = self.first_choice();
+        let mut last_error = None;
+        for offset in 0..count {
+            let index = (first + offset) % count;
+            if !self.healthy[index].load(Ordering::Acquire) {
+                continue;
+            }
+            match self.connect_to(index).await {
+                Ok(stream) => return Ok(stream),
+                Err(error) => {
+                    tracing::warn!(upstream = %self.config.name, %error, "upstream connect failed");
+                    last_error = Some(error);
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| ConnectError::Unavailable {
+            upstream: self.config.name.clone(),
+            server: "-".to_owned(),
+            source: io::Error::other("no server passed its last health check"),
+        }))
+    }
+
+    pub(crate) async fn connect_to(self: &Arc<Self>, index: usize) -> Result<UpstreamStream, ConnectError> {
+        let server = &self.config.servers[index];
+        let unavailable = |source: io::Error| ConnectError::Unavailable {
+            upstream: self.config.name.clone(),
+            server: server.clone(),
+            source,
+        };
+        let timeout = self.config.connect_timeout;
+        let attempt = async {
+            let tcp = TcpStream::connect(server.as_str()).await.map_err(unavailable)?;
+            // Frames must not wait for Nagle: WebSocket traffic is small and latency-bound.
+            tcp.set_nodelay(true).map_err(unavailable)?;
+            let io = match &self.tls {
+                None => StreamKind::Plain(tcp),
+                Some(connector) => {
+                    let host = server.rsplit_once(':').map(|(host, _)| host).unwrap_or(server);
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    let name = ServerName::try_from(host.to_owned())
+                        .map_err(|error| unavailable(io::Error::new(io::ErrorKind::InvalidInput, error)))?;
+                    StreamKind::Tls(Box::new(connector.connect(name, tcp).await.map_err(unavailable)?))
+                }
+            };
+            Ok(io)
+        };
+        let io = tokio::time::timeout(timeout, attempt)
+            .await
+            .map_err(|_| ConnectError::Timeout {
+                upstream: self.config.name.clone(),
+                server: server.clone(),
+                timeout,
+            })??;
+        self.active[index].fetch_add(1, Ordering::Relaxed);
+        Ok(UpstreamStream {
+            io,
+            _lease: Lease {
+                upstream: self.clone(),
+                server: index,
+            },
+        })
+    }
+}
+
+enum StreamKind {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// A connection to one backend server, counted against it while open.
+pub struct UpstreamStream {
+    io: StreamKind,
+    _lease: Lease,
+}
+
+impl UpstreamStream {
+    pub fn tcp(&self) -> &TcpStream {
+        match &self.io {
+            StreamKind::Plain(tcp) => tcp,
+            StreamKind::Tls(tls) => tls.get_ref().0,
+        }
+    }
+}
+
+impl Connection for UpstreamStream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            StreamKind::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            StreamKind::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().io {
+            StreamKind::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            StreamKind::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            StreamKind::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            StreamKind::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            StreamKind::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            StreamKind::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! Integration tests: the proxy in-process on port 0 with real backends, real
+//! TLS and real WebSocket clients on loopback. One binary, so one link.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod smoke;

@@ -1,0 +1,435 @@
+//! `wsgate load` against real servers on loopback: the echo backend, a
+//! server that refuses every upgrade, a closed port, a TLS front, and
+//! deliberately broken WebSocket peers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use wsgate::load::{LoadArgs, LoadReport, execute};
+
+fn args(flags: &[&str]) -> LoadArgs {
+    let argv = std::iter::once("wsgate-load").chain(flags.iter().copied());
+    match LoadArgs::try_parse_from(argv) {
+        Ok(args) => args,
+        Err(error) => panic!("flags {flags:?} rejected: {error}"),
+    }
+}
+
+async fn run(flags: &[&str]) -> LoadReport {
+    execute(&args(flags)).await.expect("load run")
+}
+
+async fn listen() -> (TcpListener, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    (listener, addr)
+}
+
+async fn spawn_echo() -> SocketAddr {
+    let (listener, addr) = listen().await;
+    tokio::spawn(wsgate::echo::serve(listener));
+    addr
+}
+
+/// Answers every request with `response` and hands each request head to the test.
+async fn spawn_raw(response: &'static str) -> (SocketAddr, mpsc::UnboundedReceiver<String>) {
+    let (listener, addr) = listen().await;
+    let (heads_tx, heads_rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let heads_tx = heads_tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = heads_tx.send(String::from_utf8_lossy(&head).into_owned());
+                let _ = stream.write_all(response.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    (addr, heads_rx)
+}
+
+/// A WebSocket peer that upgrades, then runs `behave` on each connection.
+async fn spawn_ws<F, Fut>(behave: F) -> SocketAddr
+where
+    F: Fn(tokio_tungstenite::WebSocketStream<TcpStream>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (listener, addr) = listen().await;
+    let behave = Arc::new(behave);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let behave = behave.clone();
+            tokio::spawn(async move {
+                if let Ok(ws) = tokio_tungstenite::accept_async(stream).await {
+                    behave(ws).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// TLS in front of `backend` with a fresh self-signed certificate for localhost.
+async fn spawn_tls_front(backend: SocketAddr) -> SocketAddr {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        certified.signing_key.serialize_der(),
+    ));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![certified.cert.der().clone()], key)
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let (listener, addr) = listen().await;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let Ok(mut upstream) = TcpStream::connect(backend).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
+            });
+        }
+    });
+    addr
+}
+
+fn only_status(report: &LoadReport, status: u16, count: u64) {
+    let expected = [(status, count)].into_iter().collect();
+    assert_eq!(report.statuses, expected, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_mode_checks_every_message_and_reconnects() {
+    let addr = spawn_echo().await;
+    let url = format!("ws://{addr}/echo");
+    let report = run(&[
+        "--url",
+        &url,
+        "--mode",
+        "echo",
+        "--connections",
+        "4",
+        "--messages",
+        "10",
+        "--duration",
+        "700ms",
+    ])
+    .await;
+    let h = &report.handshakes;
+    assert!(h.succeeded >= 4, "{report}");
+    assert_eq!(h.attempted, h.succeeded, "{report}");
+    assert_eq!((h.failed, h.unfinished), (0, 0), "{report}");
+    only_status(&report, 101, h.succeeded);
+    let m = &report.messages;
+    assert!(m.sent >= 40, "{report}");
+    assert_eq!(m.received, m.sent, "{report}");
+    assert_eq!(m.bytes_sent, m.sent * 128, "{report}");
+    assert_eq!(m.bytes_received, m.bytes_sent, "{report}");
+    let rtt = report.echo_rtt_ms.as_ref().expect("rtt samples");
+    assert_eq!(rtt.count, m.received);
+    assert!(rtt.p50 <= rtt.p99 && rtt.p99 <= rtt.max, "{report}");
+    assert_eq!(report.errors.total(), 0, "{report}");
+    assert!(report.passed());
+    // Reconnecting means more sessions than connections in 700 ms.
+    assert!(h.succeeded > 4, "{report}");
+
+    let json = serde_json::to_value(&report).expect("json");
+    assert_eq!(json["mode"], "echo");
+    assert_eq!(json["statuses"]["101"], h.succeeded);
+    assert_eq!(json["messages"]["received"], m.received);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_with_messages_in_flight() {
+    let addr = spawn_echo().await;
+    let url = format!("ws://{addr}/");
+    let report = run(&[
+        "--url",
+        &url,
+        "--mode",
+        "bulk",
+        "--connections",
+        "2",
+        "--messages",
+        "8",
+        "--in-flight",
+        "4",
+        "--message-size",
+        "300000",
+        "--duration",
+        "700ms",
+    ])
+    .await;
+    let m = &report.messages;
+    assert!(m.sent >= 16, "{report}");
+    assert_eq!(m.received, m.sent, "{report}");
+    assert_eq!(m.bytes_received, m.sent * 300_000, "{report}");
+    assert!(report.passed(), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hold_mode_opens_each_connection_once() {
+    let addr = spawn_echo().await;
+    let url = format!("ws://{addr}");
+    let report = run(&[
+        "--url",
+        &url,
+        "--connections",
+        "20",
+        "--messages",
+        "3",
+        "--mode",
+        "hold",
+        "--duration",
+        "500ms",
+    ])
+    .await;
+    assert_eq!(report.handshakes.attempted, 20, "{report}");
+    assert_eq!(report.handshakes.succeeded, 20, "{report}");
+    assert_eq!(report.peak_open_connections, 20, "{report}");
+    assert_eq!(report.messages.sent, 60, "{report}");
+    assert_eq!(report.messages.received, 60, "{report}");
+    assert!(report.passed(), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_mode_respects_rate() {
+    let addr = spawn_echo().await;
+    let url = format!("ws://{addr}/");
+    let report = run(&[
+        "--url",
+        &url,
+        "--mode",
+        "handshake",
+        "--connections",
+        "4",
+        "--rate",
+        "50",
+        "--duration",
+        "1s",
+    ])
+    .await;
+    // 50/s over one second: slots at 0, 20 ms, … 980 ms.
+    let h = &report.handshakes;
+    assert!((40..=50).contains(&h.attempted), "{report}");
+    assert_eq!(h.succeeded, h.attempted, "{report}");
+    assert!(report.handshake_latency_ms.is_some());
+    assert_eq!(report.messages.sent, 0);
+    assert!(report.passed(), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_status_is_counted_and_headers_are_sent() {
+    let (addr, mut heads) = spawn_raw("HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n").await;
+    let url = format!("ws://{addr}/chat?room=1");
+    let report = run(&[
+        "--url",
+        &url,
+        "--connections",
+        "3",
+        "--duration",
+        "300ms",
+        "--origin",
+        "https://app.example.com",
+        "-H",
+        "X-Test: yes",
+        "--header",
+        "Sec-WebSocket-Version: 8",
+    ])
+    .await;
+    assert_eq!(report.handshakes.attempted, 3, "{report}");
+    assert_eq!(report.handshakes.succeeded, 0, "{report}");
+    assert_eq!(report.failures.http_status, 3, "{report}");
+    assert_eq!(report.handshakes.failed, 3, "{report}");
+    only_status(&report, 403, 3);
+    assert!(!report.passed());
+
+    let head = heads
+        .recv()
+        .await
+        .expect("a request head")
+        .to_ascii_lowercase();
+    assert!(head.starts_with("get /chat?room=1 http/1.1\r\n"), "{head}");
+    assert!(
+        head.contains("\r\norigin: https://app.example.com\r\n"),
+        "{head}"
+    );
+    assert!(head.contains("\r\nx-test: yes\r\n"), "{head}");
+    assert!(head.contains("\r\nsec-websocket-version: 8\r\n"), "{head}");
+    assert_eq!(head.matches("sec-websocket-version").count(), 1, "{head}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_port_counts_connect_refused() {
+    let (listener, addr) = listen().await;
+    drop(listener);
+    let url = format!("ws://{addr}/");
+    let report = run(&["--url", &url, "--connections", "2", "--duration", "300ms"]).await;
+    assert_eq!(report.handshakes.attempted, 2, "{report}");
+    assert_eq!(report.failures.connect_refused, 2, "{report}");
+    assert_eq!(report.handshakes.succeeded, 0, "{report}");
+    assert!(report.statuses.is_empty(), "{report}");
+    assert!(!report.passed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_server_is_a_timeout_and_the_run_still_ends() {
+    // Never accepted: the kernel completes the TCP handshake, nobody answers the upgrade.
+    let (_listener, addr) = listen().await;
+    let url = format!("ws://{addr}/");
+    let started = std::time::Instant::now();
+    let report = run(&[
+        "--url",
+        &url,
+        "--connections",
+        "2",
+        "--duration",
+        "300ms",
+        "--timeout",
+        "500ms",
+    ])
+    .await;
+    assert_eq!(report.failures.timeout, 2, "{report}");
+    assert_eq!(report.handshakes.succeeded, 0, "{report}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wss_with_insecure_accepts_a_self_signed_certificate() {
+    let front = spawn_tls_front(spawn_echo().await).await;
+    let url = format!("wss://localhost:{}/", front.port());
+    let report = run(&[
+        "--url",
+        &url,
+        "--insecure",
+        "--mode",
+        "echo",
+        "--connections",
+        "2",
+        "--messages",
+        "5",
+        "--duration",
+        "500ms",
+    ])
+    .await;
+    assert!(report.handshakes.succeeded >= 2, "{report}");
+    assert_eq!(report.handshakes.failed, 0, "{report}");
+    assert!(report.messages.sent >= 10, "{report}");
+    assert_eq!(report.messages.received, report.messages.sent, "{report}");
+    assert!(report.passed(), "{report}");
+
+    // Without --insecure the unknown issuer is a TLS failure.
+    let report = run(&["--url", &url, "--connections", "2", "--duration", "300ms"]).await;
+    assert_eq!(report.failures.tls, 2, "{report}");
+    assert_eq!(report.handshakes.succeeded, 0, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_echo_is_a_mismatch() {
+    let addr = spawn_ws(|mut ws| async move {
+        while let Some(Ok(Message::Binary(data))) = ws.next().await {
+            let mut data = data.to_vec();
+            data[0] ^= 0xff;
+            if ws.send(Message::binary(data)).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let url = format!("ws://{addr}/");
+    let report = run(&[
+        "--url",
+        &url,
+        "--connections",
+        "2",
+        "--messages",
+        "5",
+        "--duration",
+        "300ms",
+    ])
+    .await;
+    assert!(report.errors.echo_mismatch >= 2, "{report}");
+    assert_eq!(report.messages.received, 0, "{report}");
+    assert!(!report.passed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_tunnel_is_closed_early() {
+    let addr = spawn_ws(|ws| async move { drop(ws) }).await;
+    let url = format!("ws://{addr}/");
+    let report = run(&["--url", &url, "--connections", "3", "--duration", "500ms"]).await;
+    assert_eq!(report.handshakes.succeeded, 3, "{report}");
+    assert_eq!(report.errors.closed_early, 3, "{report}");
+    assert!(!report.passed());
+}
+
+#[test]
+fn flags_are_validated() {
+    let parse = |flags: &[&str]| {
+        LoadArgs::try_parse_from(std::iter::once("x").chain(flags.iter().copied()))
+    };
+    assert!(parse(&[]).is_err(), "--url is required");
+    assert!(parse(&["--url", "http://localhost/"]).is_err());
+    assert!(parse(&["--url", "ws://localhost/", "--connections", "0"]).is_err());
+    assert!(parse(&["--url", "ws://localhost/", "--rate", "-1"]).is_err());
+    assert!(parse(&["--url", "ws://localhost/", "--header", "no colon"]).is_err());
+    assert!(parse(&["--url", "ws://localhost/", "--mode", "sideways"]).is_err());
+    let args = parse(&["--url", "wss://localhost:8443/ws", "--duration", "1m 30s"]).expect("valid");
+    assert_eq!(args.duration, std::time::Duration::from_secs(90));
+    assert_eq!((args.connections, args.messages, args.in_flight), (1, 0, 1));
+}
+
+/// main.rs embeds the flags as `Load(LoadArgs)` in its subcommand enum.
+#[test]
+fn flags_work_as_a_subcommand() {
+    #[derive(clap::Parser)]
+    enum Cli {
+        Load(LoadArgs),
+    }
+    let parsed = Cli::try_parse_from(["wsgate", "load", "--url", "ws://localhost/", "--json"]);
+    let Ok(Cli::Load(args)) = parsed else {
+        panic!("subcommand parse failed");
+    };
+    assert!(args.json);
+}
+
+#[tokio::test]
+async fn contradictory_modes_are_refused() {
+    let echo_without_messages = args(&["--url", "ws://127.0.0.1:9/", "--mode", "echo"]);
+    assert!(execute(&echo_without_messages).await.is_err());
+    let handshake_with_messages = args(&[
+        "--url",
+        "ws://127.0.0.1:9/",
+        "--mode",
+        "handshake",
+        "--messages",
+        "3",
+    ]);
+    assert!(execute(&handshake_with_messages).await.is_err());
+}
