@@ -100,10 +100,22 @@ fn bench_router(c: &mut Criterion) {
     let mut group = c.benchmark_group("router");
     // The common case: a host route with a deeper prefix sibling.
     group.bench_function("host_route_hit", |b| {
-        b.iter(|| router::route(black_box(&routes), black_box("chat.example.com"), black_box("/ws/room/42")))
+        b.iter(|| {
+            router::route(
+                black_box(&routes),
+                black_box("chat.example.com"),
+                black_box("/ws/room/42"),
+            )
+        })
     });
     group.bench_function("hostless_fallback", |b| {
-        b.iter(|| router::route(black_box(&routes), black_box("other.example.org"), black_box("/live/feed")))
+        b.iter(|| {
+            router::route(
+                black_box(&routes),
+                black_box("other.example.org"),
+                black_box("/live/feed"),
+            )
+        })
     });
     // What the proxy really does per request: normalise the Host header first
     // (it allocates a lower-cased copy), then route.
@@ -133,7 +145,12 @@ fn bench_origin(c: &mut Criterion) {
     });
     // Falls through every exact pattern to the last wildcard.
     group.bench_function("wildcard_last", |b| {
-        b.iter(|| origin::is_allowed(black_box(&patterns), black_box("https://eu.chat.example.com")))
+        b.iter(|| {
+            origin::is_allowed(
+                black_box(&patterns),
+                black_box("https://eu.chat.example.com"),
+            )
+        })
     });
     group.bench_function("rejected", |b| {
         b.iter(|| origin::is_allowed(black_box(&patterns), black_box("https://evil.example.org")))
@@ -149,7 +166,10 @@ fn bench_origin(c: &mut Criterion) {
 fn browser_upgrade() -> HeaderMap {
     let pairs = [
         ("host", "chat.example.com"),
-        ("user-agent", "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"),
+        (
+            "user-agent",
+            "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+        ),
         ("accept", "*/*"),
         ("accept-language", "en-GB,en;q=0.5"),
         ("accept-encoding", "gzip, deflate, br, zstd"),
@@ -159,7 +179,10 @@ fn browser_upgrade() -> HeaderMap {
         ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
         ("connection", "keep-alive, Upgrade"),
         ("keep-alive", "timeout=5"),
-        ("cookie", "session=0123456789abcdef0123456789abcdef; theme=dark"),
+        (
+            "cookie",
+            "session=0123456789abcdef0123456789abcdef; theme=dark",
+        ),
         ("pragma", "no-cache"),
         ("cache-control", "no-cache"),
         ("upgrade", "websocket"),
@@ -168,7 +191,10 @@ fn browser_upgrade() -> HeaderMap {
     ];
     let mut map = HeaderMap::new();
     for (name, value) in pairs {
-        map.append(HeaderName::from_static(name), HeaderValue::from_static(value));
+        map.append(
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        );
     }
     map
 }
@@ -197,7 +223,12 @@ fn bench_headers(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
-    let hop = Hop { peer: lb, peer_trusted: true, client_ip: "203.0.113.9".parse().expect("valid IP"), tls: true };
+    let hop = Hop {
+        peer: lb,
+        peer_trusted: true,
+        client_ip: "203.0.113.9".parse().expect("valid IP"),
+        tls: true,
+    };
     group.bench_function("set_forwarding_headers", |b| {
         b.iter_batched_ref(
             browser_upgrade,
@@ -219,7 +250,15 @@ fn bench_headers(c: &mut Criterion) {
                     .and_then(|value| value.to_str().ok())
                     .is_some_and(|value| origin::is_allowed(&routes[index].origins, value));
                 headers::strip_hop_by_hop(map, true);
-                headers::set_forwarding_headers(map, &Hop { peer: lb, peer_trusted: true, client_ip: client, tls: true });
+                headers::set_forwarding_headers(
+                    map,
+                    &Hop {
+                        peer: lb,
+                        peer_trusted: true,
+                        client_ip: client,
+                        tls: true,
+                    },
+                );
                 origin_ok
             },
             BatchSize::SmallInput,

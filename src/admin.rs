@@ -3,8 +3,8 @@
 //! load balancer stops sending new clients first).
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -17,7 +17,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<AtomicBool>, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    stop: CancellationToken,
+) {
     loop {
         // Runs until the proxy has fully stopped, not merely stopped
         // accepting: /readyz answering 503 while draining is its point.
@@ -32,7 +37,8 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<Atom
         let metrics = metrics.clone();
         let ready = ready.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |request| answer(request, metrics.clone(), ready.clone()));
+            let service =
+                service_fn(move |request| answer(request, metrics.clone(), ready.clone()));
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), service)
                 .await;
@@ -40,7 +46,11 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<Atom
     }
 }
 
-async fn answer(request: Request<Incoming>, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn answer(
+    request: Request<Incoming>,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
         (&Method::GET, "/metrics") => (
             StatusCode::OK,
@@ -48,14 +58,26 @@ async fn answer(request: Request<Incoming>, metrics: Arc<Metrics>, ready: Arc<At
             metrics.encode(),
         ),
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        (&Method::GET, "/readyz") if ready.load(Ordering::Acquire) => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
-        (&Method::GET, "/readyz") => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n".to_owned()),
-        _ => (StatusCode::NOT_FOUND, "text/plain", "try /metrics, /healthz or /readyz\n".to_owned()),
+        (&Method::GET, "/readyz") if ready.load(Ordering::Acquire) => {
+            (StatusCode::OK, "text/plain", "ready\n".to_owned())
+        }
+        (&Method::GET, "/readyz") => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "draining\n".to_owned(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "try /metrics, /healthz or /readyz\n".to_owned(),
+        ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     if let Ok(value) = http::HeaderValue::from_str(content_type) {
-        response.headers_mut().insert(http::header::CONTENT_TYPE, value);
+        response
+            .headers_mut()
+            .insert(http::header::CONTENT_TYPE, value);
     }
     Ok(response)
 }

@@ -28,7 +28,12 @@ pub async fn run() -> anyhow::Result<bool> {
     let (cert_pem, key_pem) = crate::tls::generate_dev_certificate(&["localhost".to_owned()])?;
     std::fs::write(workdir.join("demo.crt"), &cert_pem)?;
     std::fs::write(workdir.join("demo.key"), key_pem)?;
-    let secret = format!("demo-secret-{}", std::process::id());
+    // HS256 wants at least 32 bytes of secret; this one only lives for the demo.
+    let secret = format!(
+        "wsgate-demo-secret-{:016x}-{:08x}",
+        std::process::id(),
+        rand_ish()
+    );
     std::fs::write(workdir.join("jwt.secret"), &secret)?;
 
     let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -49,44 +54,74 @@ pub async fn run() -> anyhow::Result<bool> {
 
     let client = DemoClient::new(proxy_addr, &cert_pem)?;
     let token = demo_token(&secret)?;
-    println!("wsgate demo: an echo backend, wsgate in front of it with TLS, and a client, all in this process\n");
+    println!(
+        "wsgate demo: an echo backend, wsgate in front of it with TLS, and a client, all in this process\n"
+    );
     println!("  backend  ws://{backend_addr}  (echo)");
-    println!("  proxy    wss://localhost:{}/chat  (self-signed development certificate)", proxy_addr.port());
-    println!("  route    /chat: websocket required, origins = [\"{ALLOWED_ORIGIN}\"], JWT (HS256) required\n");
+    println!(
+        "  proxy    wss://localhost:{}/chat  (self-signed development certificate)",
+        proxy_addr.port()
+    );
+    println!(
+        "  route    /chat: websocket required, origins = [\"{ALLOWED_ORIGIN}\"], JWT (HS256) required\n"
+    );
 
-    let steps = [
-        client.allowed_upgrade(&token).await,
-        client.expect_refusal(
-            "2. forbidden origin",
-            &format!("/chat?token={token}"),
-            Some(FORBIDDEN_ORIGIN),
-            403,
-            "origin-forbidden",
-        )
-        .await,
-        client.expect_refusal("3. no token", "/chat", Some(ALLOWED_ORIGIN), 401, "token-missing").await,
-        client.plain_get().await,
-    ];
-    let mut passed = 0;
-    for step in &steps {
-        match step {
-            Ok(report) => {
-                passed += 1;
-                println!("  ok    {report}");
-            }
+    let mut outcomes = Vec::new();
+    let mut report = |outcome: anyhow::Result<String>| {
+        match &outcome {
+            Ok(line) => println!("  ok    {line}"),
             Err(error) => println!("  FAIL  {error:#}"),
         }
-    }
+        outcomes.push(outcome.is_ok());
+    };
+    report(client.allowed_upgrade(&token).await);
+    report(
+        client
+            .expect_refusal(
+                "2. forbidden origin",
+                &format!("/chat?token={token}"),
+                Some(FORBIDDEN_ORIGIN),
+                403,
+                "origin-forbidden",
+            )
+            .await,
+    );
+    report(
+        client
+            .expect_refusal(
+                "3. no token",
+                "/chat",
+                Some(ALLOWED_ORIGIN),
+                401,
+                "token-missing",
+            )
+            .await,
+    );
+    report(client.plain_get().await);
+    let passed = outcomes.iter().filter(|ok| **ok).count();
+    let steps = outcomes;
     println!();
     if passed == steps.len() {
         println!("all {passed} steps behaved as expected");
     } else {
-        println!("{} of {} steps did not behave as expected", steps.len() - passed, steps.len());
+        println!(
+            "{} of {} steps did not behave as expected",
+            steps.len() - passed,
+            steps.len()
+        );
     }
     let _ = stop.send(());
     let _ = tokio::time::timeout(STEP_TIMEOUT, serving).await;
     let _ = std::fs::remove_dir_all(&workdir);
     Ok(passed == steps.len())
+}
+
+/// Not a secret generator: just enough to make the demo's secret differ per run.
+fn rand_ish() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.subsec_nanos())
+        .unwrap_or(0)
 }
 
 fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
@@ -122,7 +157,9 @@ token_query = "token"
 }
 
 fn demo_token(secret: &str) -> anyhow::Result<String> {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
     let claims = serde_json::json!({ "sub": "demo-user", "exp": now + 300 });
     Ok(jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
@@ -142,12 +179,16 @@ impl DemoClient {
         for cert in rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes()) {
             roots.add(cert?)?;
         }
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(crate::tls::provider()))
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let mut config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(crate::tls::provider()))
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(DemoClient { addr, tls: tokio_rustls::TlsConnector::from(Arc::new(config)) })
+        Ok(DemoClient {
+            addr,
+            tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        })
     }
 
     async fn tls_stream(&self) -> anyhow::Result<TlsStream<TcpStream>> {
@@ -160,13 +201,23 @@ impl DemoClient {
         &self,
         path: &str,
         origin: Option<&str>,
-    ) -> anyhow::Result<Result<tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>>, tungstenite::http::Response<Option<Vec<u8>>>>> {
-        let mut request = format!("wss://localhost:{}{path}", self.addr.port()).into_client_request()?;
+    ) -> anyhow::Result<
+        Result<
+            tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>>,
+            tungstenite::http::Response<Option<Vec<u8>>>,
+        >,
+    > {
+        let mut request =
+            format!("wss://localhost:{}{path}", self.addr.port()).into_client_request()?;
         if let Some(origin) = origin {
             request.headers_mut().insert("origin", origin.parse()?);
         }
         let stream = self.tls_stream().await?;
-        let attempt = tokio::time::timeout(STEP_TIMEOUT, tokio_tungstenite::client_async(request, stream)).await?;
+        let attempt = tokio::time::timeout(
+            STEP_TIMEOUT,
+            tokio_tungstenite::client_async(request, stream),
+        )
+        .await?;
         match attempt {
             Ok((socket, _)) => Ok(Ok(socket)),
             Err(tungstenite::Error::Http(response)) => Ok(Err(*response)),
@@ -179,17 +230,29 @@ impl DemoClient {
         let mut socket = self
             .handshake(&format!("/chat?token={token}"), Some(ALLOWED_ORIGIN))
             .await?
-            .map_err(|response| anyhow::anyhow!("{label}: expected 101, got {}", response.status()))?;
+            .map_err(|response| {
+                anyhow::anyhow!("{label}: expected 101, got {}", response.status())
+            })?;
         let greeting = "hello through wsgate";
         socket.send(Message::text(greeting)).await?;
         let echoed = next_text(&mut socket).await?;
-        anyhow::ensure!(echoed == greeting, "{label}: echoed {echoed:?}, sent {greeting:?}");
+        anyhow::ensure!(
+            echoed == greeting,
+            "{label}: echoed {echoed:?}, sent {greeting:?}"
+        );
         socket.send(Message::text(HEADERS_PROBE)).await?;
-        let seen: std::collections::BTreeMap<String, String> = serde_json::from_str(&next_text(&mut socket).await?)?;
+        let seen: std::collections::BTreeMap<String, String> =
+            serde_json::from_str(&next_text(&mut socket).await?)?;
         socket.close(None).await?;
         let mut report = format!("{label:<34} → 101 Switching Protocols, echoed {echoed:?}\n");
         report.push_str("        the backend received:");
-        for name in ["origin", "x-forwarded-proto", "x-forwarded-for", "x-real-ip", "forwarded"] {
+        for name in [
+            "origin",
+            "x-forwarded-proto",
+            "x-forwarded-for",
+            "x-real-ip",
+            "forwarded",
+        ] {
             let value = seen.get(name).map(String::as_str).unwrap_or("(absent)");
             let _ = write!(report, "\n          {name}: {value}");
         }
@@ -216,15 +279,25 @@ impl DemoClient {
             Ok(_) => anyhow::bail!("{label}: expected {status}, but the upgrade was accepted"),
             Err(response) => response,
         };
-        let got_reason = response.headers().get("wsgate-reason").and_then(|v| v.to_str().ok()).unwrap_or("");
+        let got_reason = response
+            .headers()
+            .get("wsgate-reason")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
         anyhow::ensure!(
             response.status().as_u16() == status && got_reason == reason,
             "{label}: expected {status} {reason}, got {} {got_reason}",
             response.status().as_u16()
         );
-        let body = response.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+        let body = response
+            .body()
+            .as_deref()
+            .map(String::from_utf8_lossy)
+            .unwrap_or_default();
         let first_line = body.lines().next().unwrap_or("").to_owned();
-        Ok(format!("{label:<34} → {status}, wsgate-reason: {reason}\n          body: {first_line}"))
+        Ok(format!(
+            "{label:<34} → {status}, wsgate-reason: {reason}\n          body: {first_line}"
+        ))
     }
 
     async fn plain_get(&self) -> anyhow::Result<String> {
@@ -239,10 +312,14 @@ impl DemoClient {
         let status_line = reply.lines().next().unwrap_or("");
         let has = |header: &str| reply.lines().any(|line| line.eq_ignore_ascii_case(header));
         anyhow::ensure!(
-            status_line.starts_with("HTTP/1.1 426") && has("wsgate-reason: upgrade-required") && has("upgrade: websocket"),
+            status_line.starts_with("HTTP/1.1 426")
+                && has("wsgate-reason: upgrade-required")
+                && has("upgrade: websocket"),
             "{label}: expected 426 upgrade-required with Upgrade: websocket, got {status_line:?}"
         );
-        Ok(format!("{label:<34} → 426, wsgate-reason: upgrade-required, Upgrade: websocket"))
+        Ok(format!(
+            "{label:<34} → 426, wsgate-reason: upgrade-required, Upgrade: websocket"
+        ))
     }
 }
 
@@ -259,4 +336,3 @@ where
         }
     }
 }
-

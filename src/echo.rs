@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// Text message that asks the echo backend for the headers of its upgrade request.
@@ -67,8 +67,12 @@ async fn echo_connection(stream: TcpStream) {
     };
     // tungstenite's 128 KiB default read buffer per connection would make the
     // backend, not the proxy, the memory hog in idle-connection benchmarks.
-    let config = WebSocketConfig::default().read_buffer_size(4096).max_message_size(Some(64 << 20));
-    let Ok(mut socket) = tokio_tungstenite::accept_hdr_async_with_config(stream, capture, Some(config)).await else {
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .max_message_size(Some(64 << 20));
+    let Ok(mut socket) =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, capture, Some(config)).await
+    else {
         return;
     };
     while let Some(Ok(message)) = socket.next().await {

@@ -11,26 +11,58 @@ use http::{HeaderValue, Response, StatusCode};
 /// never contain a secret (tokens are not echoed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
-    NoRoute { host: String, path: String },
-    IpForbidden { ip: std::net::IpAddr },
-    OriginForbidden { detail: String },
+    NoRoute {
+        host: String,
+        path: String,
+    },
+    IpForbidden {
+        ip: std::net::IpAddr,
+    },
+    OriginForbidden {
+        detail: String,
+    },
     OriginMissing,
-    TokenMissing { looked_in: String },
-    TokenInvalid { detail: String },
-    ScopeMissing { scope: String },
-    SubprotocolForbidden { offered: String },
-    BadHandshake { detail: &'static str },
-    BadVersion { version: String },
+    TokenMissing {
+        looked_in: String,
+    },
+    TokenInvalid {
+        detail: String,
+    },
+    ScopeMissing {
+        scope: String,
+    },
+    SubprotocolForbidden {
+        offered: String,
+    },
+    BadHandshake {
+        detail: &'static str,
+    },
+    BadVersion {
+        version: String,
+    },
     UpgradeRequired,
     WebSocketForbidden,
-    HeaderTooLarge { limit: usize },
+    HeaderTooLarge {
+        limit: usize,
+    },
     Overloaded,
-    UpstreamUnavailable { detail: String },
-    UpstreamTimeout { detail: String },
-    UpstreamProtocol { detail: String },
+    UpstreamUnavailable {
+        detail: String,
+    },
+    UpstreamTimeout {
+        detail: String,
+    },
+    UpstreamProtocol {
+        detail: String,
+    },
     /// The forward-auth service's own refusal, relayed with its status and body.
-    AuthDenied { status: StatusCode, body: Bytes },
-    AuthUnavailable { detail: String },
+    AuthDenied {
+        status: StatusCode,
+        body: Bytes,
+    },
+    AuthUnavailable {
+        detail: String,
+    },
 }
 
 impl Rejection {
@@ -42,12 +74,22 @@ impl Rejection {
             | Rejection::OriginMissing
             | Rejection::ScopeMissing { .. }
             | Rejection::WebSocketForbidden => StatusCode::FORBIDDEN,
-            Rejection::TokenMissing { .. } | Rejection::TokenInvalid { .. } => StatusCode::UNAUTHORIZED,
-            Rejection::SubprotocolForbidden { .. } | Rejection::BadHandshake { .. } => StatusCode::BAD_REQUEST,
-            Rejection::BadVersion { .. } | Rejection::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
+            Rejection::TokenMissing { .. } | Rejection::TokenInvalid { .. } => {
+                StatusCode::UNAUTHORIZED
+            }
+            Rejection::SubprotocolForbidden { .. } | Rejection::BadHandshake { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            Rejection::BadVersion { .. } | Rejection::UpgradeRequired => {
+                StatusCode::UPGRADE_REQUIRED
+            }
             Rejection::HeaderTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Rejection::Overloaded | Rejection::AuthUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Rejection::UpstreamUnavailable { .. } | Rejection::UpstreamProtocol { .. } => StatusCode::BAD_GATEWAY,
+            Rejection::Overloaded | Rejection::AuthUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Rejection::UpstreamUnavailable { .. } | Rejection::UpstreamProtocol { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             Rejection::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Rejection::AuthDenied { status, .. } => *status,
         }
@@ -81,23 +123,39 @@ impl Rejection {
     /// One sentence for the body and the log line.
     pub fn detail(&self) -> String {
         match self {
-            Rejection::NoRoute { host, path } => format!("no route matches host {host:?} and path {path:?}"),
-            Rejection::IpForbidden { ip } => format!("client address {ip} is not allowed on this route"),
+            Rejection::NoRoute { host, path } => {
+                format!("no route matches host {host:?} and path {path:?}")
+            }
+            Rejection::IpForbidden { ip } => {
+                format!("client address {ip} is not allowed on this route")
+            }
             Rejection::OriginForbidden { detail } => detail.clone(),
-            Rejection::OriginMissing => "the request has no Origin header and this route requires one".to_owned(),
-            Rejection::TokenMissing { looked_in } => format!("no token found (looked in {looked_in})"),
+            Rejection::OriginMissing => {
+                "the request has no Origin header and this route requires one".to_owned()
+            }
+            Rejection::TokenMissing { looked_in } => {
+                format!("no token found (looked in {looked_in})")
+            }
             Rejection::TokenInvalid { detail } => format!("token rejected: {detail}"),
-            Rejection::ScopeMissing { scope } => format!("token lacks the required scope {scope:?}"),
+            Rejection::ScopeMissing { scope } => {
+                format!("token lacks the required scope {scope:?}")
+            }
             Rejection::SubprotocolForbidden { offered } => {
                 format!("none of the offered subprotocols ({offered}) is allowed on this route")
             }
-            Rejection::BadHandshake { detail } => format!("not a valid WebSocket handshake: {detail}"),
+            Rejection::BadHandshake { detail } => {
+                format!("not a valid WebSocket handshake: {detail}")
+            }
             Rejection::BadVersion { version } => {
                 format!("Sec-WebSocket-Version {version:?} is not supported; only 13 is")
             }
             Rejection::UpgradeRequired => "this route only accepts WebSocket upgrades".to_owned(),
-            Rejection::WebSocketForbidden => "this route does not accept WebSocket upgrades".to_owned(),
-            Rejection::HeaderTooLarge { limit } => format!("the request head is larger than {limit} bytes"),
+            Rejection::WebSocketForbidden => {
+                "this route does not accept WebSocket upgrades".to_owned()
+            }
+            Rejection::HeaderTooLarge { limit } => {
+                format!("the request head is larger than {limit} bytes")
+            }
             Rejection::Overloaded => "the proxy is at its connection limit".to_owned(),
             Rejection::UpstreamUnavailable { detail }
             | Rejection::UpstreamTimeout { detail }
@@ -127,11 +185,17 @@ impl Rejection {
         let headers = response.headers_mut();
         headers.insert("wsgate-reason", HeaderValue::from_static(reason));
         if !matches!(self, Rejection::AuthDenied { .. }) {
-            headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
         }
         match self {
             Rejection::TokenMissing { .. } => {
-                headers.insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                headers.insert(
+                    http::header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer"),
+                );
             }
             Rejection::TokenInvalid { .. } => {
                 headers.insert(
@@ -141,8 +205,9 @@ impl Rejection {
             }
             Rejection::ScopeMissing { scope } => {
                 let value = format!("Bearer error=\"insufficient_scope\", scope=\"{scope}\"");
-                let value = HeaderValue::from_str(&value)
-                    .unwrap_or(HeaderValue::from_static("Bearer error=\"insufficient_scope\""));
+                let value = HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static(
+                    "Bearer error=\"insufficient_scope\"",
+                ));
                 headers.insert(http::header::WWW_AUTHENTICATE, value);
             }
             Rejection::BadVersion { .. } => {
@@ -150,7 +215,10 @@ impl Rejection {
             }
             Rejection::UpgradeRequired => {
                 headers.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
-                headers.insert(http::header::CONNECTION, HeaderValue::from_static("Upgrade"));
+                headers.insert(
+                    http::header::CONNECTION,
+                    HeaderValue::from_static("Upgrade"),
+                );
             }
             _ => {}
         }
@@ -174,11 +242,23 @@ mod tests {
 
     #[test]
     fn token_rejections_carry_rfc6750_challenges() {
-        let missing = Rejection::TokenMissing { looked_in: "query".into() }.into_response();
+        let missing = Rejection::TokenMissing {
+            looked_in: "query".into(),
+        }
+        .into_response();
         assert_eq!(missing.headers()["www-authenticate"], "Bearer");
-        let invalid = Rejection::TokenInvalid { detail: "expired".into() }.into_response();
-        assert_eq!(invalid.headers()["www-authenticate"], "Bearer error=\"invalid_token\"");
-        let scope = Rejection::ScopeMissing { scope: "chat".into() }.into_response();
+        let invalid = Rejection::TokenInvalid {
+            detail: "expired".into(),
+        }
+        .into_response();
+        assert_eq!(
+            invalid.headers()["www-authenticate"],
+            "Bearer error=\"invalid_token\""
+        );
+        let scope = Rejection::ScopeMissing {
+            scope: "chat".into(),
+        }
+        .into_response();
         assert_eq!(scope.status(), StatusCode::FORBIDDEN);
         assert_eq!(
             scope.headers()["www-authenticate"],

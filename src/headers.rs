@@ -88,9 +88,12 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
     if !is_trusted(client, trusted) {
         return client;
     }
-    let entries: Vec<&str> = list_tokens(headers, &HeaderName::from_static("x-forwarded-for")).collect();
+    let entries: Vec<&str> =
+        list_tokens(headers, &HeaderName::from_static("x-forwarded-for")).collect();
     for entry in entries.iter().rev() {
-        let Some(ip) = parse_forwarded_ip(entry) else { break };
+        let Some(ip) = parse_forwarded_ip(entry) else {
+            break;
+        };
         client = ip.to_canonical();
         if !is_trusted(client, trusted) {
             break;
@@ -154,7 +157,11 @@ pub fn set_forwarding_headers(headers: &mut HeaderMap, hop: &Hop) {
             }
         }
     }
-    set(headers, HeaderName::from_static("x-real-ip"), &hop.client_ip.to_canonical().to_string());
+    set(
+        headers,
+        HeaderName::from_static("x-real-ip"),
+        &hop.client_ip.to_canonical().to_string(),
+    );
 
     let mut element = format!("for={}", forwarded_node(peer));
     element.push_str(";proto=");
@@ -175,7 +182,11 @@ pub fn set_forwarding_headers(headers: &mut HeaderMap, hop: &Hop) {
 
 /// All instances of a header joined with ", " (RFC 9110 §5.3 list semantics).
 fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
-    let values: Vec<&str> = headers.get_all(name).iter().filter_map(|value| value.to_str().ok()).collect();
+    let values: Vec<&str> = headers
+        .get_all(name)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .collect();
     (!values.is_empty()).then(|| values.join(", "))
 }
 
@@ -209,7 +220,10 @@ mod tests {
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut headers = HeaderMap::new();
         for (name, value) in pairs {
-            headers.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
+            headers.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
         }
         headers
     }
@@ -220,11 +234,24 @@ mod tests {
 
     #[test]
     fn upgrade_detection_is_token_based_and_case_insensitive() {
-        assert!(is_websocket_upgrade(&map(&[("connection", "keep-alive, Upgrade"), ("upgrade", "WebSocket")])));
-        assert!(is_websocket_upgrade(&map(&[("connection", "keep-alive"), ("connection", "upgrade"), ("upgrade", "websocket")])));
-        assert!(!is_websocket_upgrade(&map(&[("connection", "upgrades"), ("upgrade", "websocket")])));
+        assert!(is_websocket_upgrade(&map(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "WebSocket")
+        ])));
+        assert!(is_websocket_upgrade(&map(&[
+            ("connection", "keep-alive"),
+            ("connection", "upgrade"),
+            ("upgrade", "websocket")
+        ])));
+        assert!(!is_websocket_upgrade(&map(&[
+            ("connection", "upgrades"),
+            ("upgrade", "websocket")
+        ])));
         assert!(!is_websocket_upgrade(&map(&[("upgrade", "websocket")])));
-        assert!(!is_websocket_upgrade(&map(&[("connection", "upgrade"), ("upgrade", "h2c")])));
+        assert!(!is_websocket_upgrade(&map(&[
+            ("connection", "upgrade"),
+            ("upgrade", "h2c")
+        ])));
     }
 
     #[test]
@@ -244,13 +271,24 @@ mod tests {
         strip_hop_by_hop(&mut headers, true);
         assert_eq!(headers["connection"], "Upgrade");
         assert_eq!(headers["upgrade"], "websocket");
-        for gone in ["x-secret", "keep-alive", "proxy-connection", "te", "trailer", "proxy-authorization"] {
+        for gone in [
+            "x-secret",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "proxy-authorization",
+        ] {
             assert!(!headers.contains_key(gone), "{gone} survived");
         }
         assert_eq!(headers["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
         assert_eq!(headers["origin"], "https://app.example.com");
 
-        let mut plain = map(&[("connection", "upgrade"), ("upgrade", "h2c"), ("accept", "*/*")]);
+        let mut plain = map(&[
+            ("connection", "upgrade"),
+            ("upgrade", "h2c"),
+            ("accept", "*/*"),
+        ]);
         strip_hop_by_hop(&mut plain, false);
         assert!(!plain.contains_key("upgrade") && !plain.contains_key("connection"));
         assert_eq!(plain["accept"], "*/*");
@@ -261,15 +299,24 @@ mod tests {
         let trusted = nets(&["127.0.0.1/32", "10.0.0.0/8"]);
         let peer: IpAddr = "127.0.0.1".parse().unwrap();
         let headers = map(&[("x-forwarded-for", "6.6.6.6, 203.0.113.9, 10.1.1.1")]);
-        assert_eq!(client_ip(peer, &headers, &trusted), "203.0.113.9".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_ip(peer, &headers, &trusted),
+            "203.0.113.9".parse::<IpAddr>().unwrap()
+        );
         let untrusted: IpAddr = "192.0.2.7".parse().unwrap();
         assert_eq!(client_ip(untrusted, &headers, &trusted), untrusted);
         let all_trusted = map(&[("x-forwarded-for", "10.0.0.2, 10.0.0.3")]);
-        assert_eq!(client_ip(peer, &all_trusted, &trusted), "10.0.0.2".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_ip(peer, &all_trusted, &trusted),
+            "10.0.0.2".parse::<IpAddr>().unwrap()
+        );
         let garbage = map(&[("x-forwarded-for", "203.0.113.9, not-an-ip")]);
         assert_eq!(client_ip(peer, &garbage, &trusted), peer);
         let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
-        assert_eq!(client_ip(mapped, &headers, &trusted), "203.0.113.9".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_ip(mapped, &headers, &trusted),
+            "203.0.113.9".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]
@@ -283,12 +330,23 @@ mod tests {
             ("x-real-ip", "1.1.1.1"),
         ]);
         let peer: IpAddr = "192.0.2.7".parse().unwrap();
-        set_forwarding_headers(&mut headers, &Hop { peer, peer_trusted: false, client_ip: peer, tls: true });
+        set_forwarding_headers(
+            &mut headers,
+            &Hop {
+                peer,
+                peer_trusted: false,
+                client_ip: peer,
+                tls: true,
+            },
+        );
         assert_eq!(headers["x-forwarded-for"], "192.0.2.7");
         assert_eq!(headers["x-forwarded-proto"], "https");
         assert_eq!(headers["x-forwarded-host"], "app.example.com:8443");
         assert_eq!(headers["x-real-ip"], "192.0.2.7");
-        assert_eq!(headers["forwarded"], "for=192.0.2.7;proto=https;host=\"app.example.com:8443\"");
+        assert_eq!(
+            headers["forwarded"],
+            "for=192.0.2.7;proto=https;host=\"app.example.com:8443\""
+        );
     }
 
     #[test]
@@ -301,11 +359,22 @@ mod tests {
         ]);
         let peer: IpAddr = "::1".parse().unwrap();
         let client: IpAddr = "203.0.113.9".parse().unwrap();
-        set_forwarding_headers(&mut headers, &Hop { peer, peer_trusted: true, client_ip: client, tls: false });
+        set_forwarding_headers(
+            &mut headers,
+            &Hop {
+                peer,
+                peer_trusted: true,
+                client_ip: client,
+                tls: false,
+            },
+        );
         assert_eq!(headers["x-forwarded-for"], "203.0.113.9, ::1");
         assert_eq!(headers["x-forwarded-proto"], "https");
         assert_eq!(headers["x-forwarded-host"], "app.example.com");
         assert_eq!(headers["x-real-ip"], "203.0.113.9");
-        assert_eq!(headers["forwarded"], "for=203.0.113.9;proto=https, for=\"[::1]\";proto=http;host=app.example.com");
+        assert_eq!(
+            headers["forwarded"],
+            "for=203.0.113.9;proto=https, for=\"[::1]\";proto=http;host=app.example.com"
+        );
     }
 }

@@ -17,7 +17,9 @@ pub async fn check_forever(upstream: Weak<Upstream>, check: HealthCheck) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let Some(upstream) = upstream.upgrade() else { return };
+        let Some(upstream) = upstream.upgrade() else {
+            return;
+        };
         for index in 0..upstream.config.servers.len() {
             let passed = tokio::time::timeout(check.interval, probe(&upstream, index, &check.path))
                 .await
@@ -31,10 +33,14 @@ pub async fn check_forever(upstream: Weak<Upstream>, check: HealthCheck) {
 }
 
 async fn probe(upstream: &Arc<Upstream>, index: usize, path: &str) -> Result<(), String> {
-    let stream = upstream.connect_to(index).await.map_err(|error| error.to_string())?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+    let stream = upstream
+        .connect_to(index)
         .await
         .map_err(|error| error.to_string())?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+            .await
+            .map_err(|error| error.to_string())?;
     tokio::spawn(connection);
     let host = upstream.config.servers[index].clone();
     let request = Request::get(path)
@@ -42,7 +48,10 @@ async fn probe(upstream: &Arc<Upstream>, index: usize, path: &str) -> Result<(),
         .header(http::header::USER_AGENT, "wsgate-health-check")
         .body(Empty::new())
         .map_err(|error| error.to_string())?;
-    let response = sender.send_request(request).await.map_err(|error| error.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|error| error.to_string())?;
     if response.status() < StatusCode::BAD_REQUEST {
         Ok(())
     } else {

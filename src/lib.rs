@@ -46,6 +46,9 @@ pub use config::Config;
 pub use server::{Proxy, Reloader};
 
 /// Binds every listener of `config` and serves until `shutdown` completes.
-pub async fn run(config: &Config, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    config: &Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     Proxy::bind(config).await?.serve(shutdown).await
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 use wsgate::{Config, Proxy};
 
@@ -58,7 +58,9 @@ struct CertArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -75,7 +77,13 @@ fn main() -> ExitCode {
         match command {
             Command::Run(args) => serve(&args.config).await.map(|()| ExitCode::SUCCESS),
             Command::Check(args) => Ok(check(&args.config)),
-            Command::Demo => wsgate::demo::run().await.map(|passed| if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE }),
+            Command::Demo => wsgate::demo::run().await.map(|passed| {
+                if passed {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }),
             Command::Load(args) => wsgate::load::run(args).await,
             Command::Cert(args) => write_certificate(&args).map(|()| ExitCode::SUCCESS),
             Command::Echo { listen } => {
@@ -145,13 +153,23 @@ fn write_certificate(args: &CertArgs) -> anyhow::Result<()> {
     let key_path = args.out.join(format!("{}.key", args.name));
     std::fs::write(&cert_path, cert)?;
     write_private(&key_path, key.as_bytes())?;
-    println!("wrote {} and {} for {}", cert_path.display(), key_path.display(), args.hosts.join(", "));
+    println!(
+        "wrote {} and {} for {}",
+        cert_path.display(),
+        key_path.display(),
+        args.hosts.join(", ")
+    );
     Ok(())
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
     file.write_all(bytes)
 }

@@ -53,7 +53,9 @@ struct StatusLabels {
 
 fn duration_histogram() -> Histogram {
     // 0.5 ms … ~16 s: a loopback handshake to a slow backend behind TLS.
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 16))
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0005, 2.0, 16,
+    ))
 }
 
 /// Every metric family; one per process, shared across config reloads so
@@ -84,21 +86,46 @@ impl Metrics {
         let tunnels_active = Family::default();
         let tunnel_bytes = Family::default();
         let tunnels_closed = Family::default();
-        let handshake_duration = Family::new_with_constructor(duration_histogram as fn() -> Histogram);
+        let handshake_duration =
+            Family::new_with_constructor(duration_histogram as fn() -> Histogram);
         let http_requests = Family::default();
         let origin_reports = Family::default();
         // prometheus-client appends `_total` to counters itself.
-        registry.register("wsgate_handshakes", "WebSocket handshakes by outcome", handshakes.clone());
-        registry.register("wsgate_rejections", "Requests refused at the edge, by reason code", rejections.clone());
-        registry.register("wsgate_tunnels_active", "WebSocket tunnels open now", tunnels_active.clone());
-        registry.register("wsgate_tunnel_bytes", "Bytes spliced through tunnels", tunnel_bytes.clone());
-        registry.register("wsgate_tunnels_closed", "Tunnels ended, by cause", tunnels_closed.clone());
+        registry.register(
+            "wsgate_handshakes",
+            "WebSocket handshakes by outcome",
+            handshakes.clone(),
+        );
+        registry.register(
+            "wsgate_rejections",
+            "Requests refused at the edge, by reason code",
+            rejections.clone(),
+        );
+        registry.register(
+            "wsgate_tunnels_active",
+            "WebSocket tunnels open now",
+            tunnels_active.clone(),
+        );
+        registry.register(
+            "wsgate_tunnel_bytes",
+            "Bytes spliced through tunnels",
+            tunnel_bytes.clone(),
+        );
+        registry.register(
+            "wsgate_tunnels_closed",
+            "Tunnels ended, by cause",
+            tunnels_closed.clone(),
+        );
         registry.register(
             "wsgate_handshake_duration_seconds",
             "Time from request head to the 101 being sent",
             handshake_duration.clone(),
         );
-        registry.register("wsgate_http_requests", "Plain HTTP requests by response status", http_requests.clone());
+        registry.register(
+            "wsgate_http_requests",
+            "Plain HTTP requests by response status",
+            http_requests.clone(),
+        );
         registry.register(
             "wsgate_origin_reports",
             "Would-be origin rejections let through by origin_mode = \"report\"",
@@ -128,10 +155,25 @@ impl Metrics {
 
     pub fn route(self: &Arc<Self>, route: &str) -> RouteMetrics {
         let name = route.to_owned();
-        let outcome = |outcome| self.handshakes.get_or_create(&OutcomeLabels { route: name.clone(), outcome }).clone();
-        let direction =
-            |direction| self.tunnel_bytes.get_or_create(&DirectionLabels { route: name.clone(), direction }).clone();
-        let label = RouteLabel { route: name.clone() };
+        let outcome = |outcome| {
+            self.handshakes
+                .get_or_create(&OutcomeLabels {
+                    route: name.clone(),
+                    outcome,
+                })
+                .clone()
+        };
+        let direction = |direction| {
+            self.tunnel_bytes
+                .get_or_create(&DirectionLabels {
+                    route: name.clone(),
+                    direction,
+                })
+                .clone()
+        };
+        let label = RouteLabel {
+            route: name.clone(),
+        };
         RouteMetrics {
             upgraded: outcome("upgraded"),
             rejected: outcome("rejected"),
@@ -172,14 +214,20 @@ impl RouteMetrics {
     pub fn rejection(&self, reason: &'static str) {
         self.family
             .rejections
-            .get_or_create(&ReasonLabels { route: self.name.clone(), reason })
+            .get_or_create(&ReasonLabels {
+                route: self.name.clone(),
+                reason,
+            })
             .inc();
     }
 
     pub fn http_status(&self, status: u16) {
         self.family
             .http_requests
-            .get_or_create(&StatusLabels { route: self.name.clone(), status })
+            .get_or_create(&StatusLabels {
+                route: self.name.clone(),
+                status,
+            })
             .inc();
     }
 
@@ -188,7 +236,10 @@ impl RouteMetrics {
         self.bytes_to_client.inc_by(outcome.upstream_to_client);
         self.family
             .tunnels_closed
-            .get_or_create(&CauseLabels { route: self.name.clone(), cause: outcome.cause.as_str() })
+            .get_or_create(&CauseLabels {
+                route: self.name.clone(),
+                cause: outcome.cause.as_str(),
+            })
             .inc();
     }
 }

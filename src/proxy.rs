@@ -75,9 +75,13 @@ impl RequestFacts {
 }
 
 /// hyper's service entry point; never fails, every problem is a response.
-pub async fn handle(request: Request<Incoming>, conn: Arc<Connection>) -> Result<Response<ProxyBody>, Infallible> {
+pub async fn handle(
+    request: Request<Incoming>,
+    conn: Arc<Connection>,
+) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
-    let upgrade = request.version() == Version::HTTP_11 && headers::is_websocket_upgrade(request.headers());
+    let upgrade =
+        request.version() == Version::HTTP_11 && headers::is_websocket_upgrade(request.headers());
     // Cheap reference-counted clones: only a rejection formats them.
     let mut facts = RequestFacts {
         route: None,
@@ -89,7 +93,9 @@ pub async fn handle(request: Request<Incoming>, conn: Arc<Connection>) -> Result
     let result = handle_inner(request, &conn, &mut facts, started).await;
     let state = &conn.state;
     let route = facts.route.and_then(|index| state.routes.get(index));
-    let metrics = route.map(|route| &route.metrics).unwrap_or(&state.unrouted_metrics);
+    let metrics = route
+        .map(|route| &route.metrics)
+        .unwrap_or(&state.unrouted_metrics);
     let response = match result {
         Ok(response) => response,
         Err(rejection) => {
@@ -130,7 +136,15 @@ fn redacted_path(uri: &Uri) -> String {
                 .split('&')
                 .map(|pair| pair.split_once('=').map(|(name, _)| name).unwrap_or(pair))
                 .collect();
-            format!("{}?{}", uri.path(), names.iter().map(|name| format!("{name}=…")).collect::<Vec<_>>().join("&"))
+            format!(
+                "{}?{}",
+                uri.path(),
+                names
+                    .iter()
+                    .map(|name| format!("{name}=…"))
+                    .collect::<Vec<_>>()
+                    .join("&")
+            )
         }
     }
 }
@@ -141,7 +155,13 @@ fn request_host(request: &Request<Incoming>) -> String {
         .uri()
         .authority()
         .map(|authority| authority.as_str().to_owned())
-        .or_else(|| request.headers().get(HOST).and_then(|host| host.to_str().ok()).map(str::to_owned))
+        .or_else(|| {
+            request
+                .headers()
+                .get(HOST)
+                .and_then(|host| host.to_str().ok())
+                .map(str::to_owned)
+        })
         .unwrap_or_default();
     router::normalise_request_host(&raw)
 }
@@ -151,7 +171,9 @@ fn request_host(request: &Request<Incoming>) -> String {
 fn head_size(request: &Request<Incoming>) -> usize {
     let uri = request.uri();
     let target = uri.scheme_str().map_or(0, |scheme| scheme.len() + 3)
-        + uri.authority().map_or(0, |authority| authority.as_str().len())
+        + uri
+            .authority()
+            .map_or(0, |authority| authority.as_str().len())
         + uri.path_and_query().map_or(1, |pq| pq.as_str().len());
     // "METHOD SP target SP HTTP/1.1 CRLF"
     let request_line = request.method().as_str().len() + target + 12;
@@ -175,24 +197,28 @@ async fn handle_inner(
         return Err(Rejection::HeaderTooLarge { limit });
     }
     let host = request_host(&request);
-    let index = router::route(&state.route_configs, &host, request.uri().path()).ok_or_else(|| Rejection::NoRoute {
-        host: host.clone(),
-        path: request.uri().path().to_owned(),
-    })?;
+    let index =
+        router::route(&state.route_configs, &host, request.uri().path()).ok_or_else(|| {
+            Rejection::NoRoute {
+                host: host.clone(),
+                path: request.uri().path().to_owned(),
+            }
+        })?;
     let route = &state.routes[index];
     facts.route = Some(index);
+    let (mut parts, body) = request.into_parts();
 
     let peer = conn.peer.ip().to_canonical();
     let trusted = &state.server.trusted_proxies;
     let peer_trusted = headers::is_trusted(peer, trusted);
-    facts.client_ip = headers::client_ip(peer, request.headers(), trusted);
+    facts.client_ip = headers::client_ip(peer, &parts.headers, trusted);
     let config: &RouteConfig = &route.config;
 
+    // The contract's order: IP, shape, origin, token, scope, subprotocol.
     policy::check_ip(config, facts.client_ip)?;
-    policy::check_shape(config, request.method(), request.headers(), facts.upgrade)?;
-    let mut narrowed_offer = None;
+    policy::check_shape(config, &parts.method, &parts.headers, facts.upgrade)?;
     if facts.upgrade {
-        if let Some(would_reject) = policy::check_origin(config, request.headers())? {
+        if let Some(would_reject) = policy::check_origin(config, &parts.headers)? {
             route.metrics.origin_reports.inc();
             tracing::warn!(
                 route = %config.name,
@@ -203,8 +229,16 @@ async fn handle_inner(
                 "origin would be rejected; let through by origin_mode = \"report\""
             );
         }
-        narrowed_offer = policy::check_subprotocols(config, request.headers())?;
     }
+    let grant = match &config.auth {
+        Some(auth) => Some(auth.check(&parts).await?),
+        None => None,
+    };
+    let narrowed_offer = if facts.upgrade {
+        policy::check_subprotocols(config, &parts.headers)?
+    } else {
+        None
+    };
 
     let hop = Hop {
         peer,
@@ -212,10 +246,21 @@ async fn handle_inner(
         client_ip: facts.client_ip,
         tls: conn.tls,
     };
+    rewrite_request_head(&mut parts, &hop, facts.upgrade);
+    if let Some(auth) = &config.auth {
+        // Identity headers are ours to set: a client's own copy is a forgery.
+        auth.strip_spoofable(&mut parts.headers);
+    }
+    if let Some(grant) = grant {
+        grant.apply(&mut parts);
+    }
     if facts.upgrade {
-        upgrade(request, conn, route, &hop, narrowed_offer, started).await
+        if let Some(offer) = narrowed_offer {
+            parts.headers.insert(policy::SEC_WEBSOCKET_PROTOCOL, offer);
+        }
+        upgrade(parts, conn, route, facts.client_ip, started).await
     } else {
-        forward_plain(request, route, &hop).await
+        forward_plain(parts, body, route).await
     }
 }
 
@@ -225,7 +270,11 @@ fn rewrite_request_head(parts: &mut http::request::Parts, hop: &Hop, websocket_u
     headers::strip_hop_by_hop(&mut parts.headers, websocket_upgrade);
     headers::set_forwarding_headers(&mut parts.headers, hop);
     if parts.uri.authority().is_some() {
-        let origin_form = parts.uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
+        let origin_form = parts
+            .uri
+            .path_and_query()
+            .map(|pq| pq.as_str())
+            .unwrap_or("/");
         if let Ok(uri) = origin_form.parse() {
             parts.uri = uri;
         }
@@ -235,28 +284,31 @@ fn rewrite_request_head(parts: &mut http::request::Parts, hop: &Hop, websocket_u
 
 fn connect_rejection(error: &ConnectError) -> Rejection {
     if error.is_timeout() {
-        Rejection::UpstreamTimeout { detail: error.to_string() }
+        Rejection::UpstreamTimeout {
+            detail: error.to_string(),
+        }
     } else {
-        Rejection::UpstreamUnavailable { detail: error.to_string() }
+        Rejection::UpstreamUnavailable {
+            detail: error.to_string(),
+        }
     }
 }
 
 async fn upgrade(
-    mut request: Request<Incoming>,
+    mut parts: http::request::Parts,
     conn: &Arc<Connection>,
     route: &Route,
-    hop: &Hop,
-    narrowed_offer: Option<http::HeaderValue>,
+    client_ip: IpAddr,
     started: Instant,
 ) -> Result<Response<ProxyBody>, Rejection> {
-    // Claim the client side of the upgrade before the request is taken apart;
-    // it resolves once hyper has written our 101.
-    let client_upgrade = hyper::upgrade::on(&mut request);
-    let (mut parts, _body) = request.into_parts();
-    rewrite_request_head(&mut parts, hop, true);
-    if let Some(offer) = narrowed_offer {
-        parts.headers.insert(policy::SEC_WEBSOCKET_PROTOCOL, offer);
-    }
+    // Claim the client side of the upgrade before the head goes upstream
+    // (what `hyper::upgrade::on` does); it resolves once hyper has written our 101.
+    let client_upgrade = parts
+        .extensions
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .ok_or(Rejection::BadHandshake {
+            detail: "the connection cannot be upgraded",
+        })?;
     let forwarded_offer: HeaderMap = parts
         .headers
         .get_all(policy::SEC_WEBSOCKET_PROTOCOL)
@@ -265,7 +317,10 @@ async fn upgrade(
         .collect();
 
     let upstream: &Arc<Upstream> = &route.upstream;
-    let stream = upstream.connect().await.map_err(|error| connect_rejection(&error))?;
+    let stream = upstream
+        .connect()
+        .await
+        .map_err(|error| connect_rejection(&error))?;
     let _ = stream.tcp().set_nodelay(true);
     let timeout = route.config.handshake_timeout;
     let upstream_name = &upstream.config.name;
@@ -280,12 +335,16 @@ async fn upgrade(
                 tracing::debug!(%error, "upstream handshake connection ended with an error");
             }
         });
-        sender.send_request(Request::from_parts(parts, Empty::new())).await
+        sender
+            .send_request(Request::from_parts(parts, Empty::new()))
+            .await
     };
     let mut response = match tokio::time::timeout(timeout, exchange).await {
         Err(_) => {
             return Err(Rejection::UpstreamTimeout {
-                detail: format!("upstream {upstream_name:?} did not answer the upgrade within {timeout:?}"),
+                detail: format!(
+                    "upstream {upstream_name:?} did not answer the upgrade within {timeout:?}"
+                ),
             });
         }
         Ok(Err(error)) => {
@@ -303,7 +362,9 @@ async fn upgrade(
         headers::strip_hop_by_hop(&mut head.headers, false);
         return Ok(Response::from_parts(head, body.boxed()));
     }
-    if !headers::list_tokens(response.headers(), &UPGRADE).any(|token| token.eq_ignore_ascii_case("websocket")) {
+    if !headers::list_tokens(response.headers(), &UPGRADE)
+        .any(|token| token.eq_ignore_ascii_case("websocket"))
+    {
         return Err(Rejection::UpstreamProtocol {
             detail: format!("upstream {upstream_name:?} answered 101 without Upgrade: websocket"),
         });
@@ -314,22 +375,33 @@ async fn upgrade(
     let metrics = route.metrics.clone();
     let idle_timeout = route.config.idle_timeout;
     let route_name = route.config.name.clone();
-    let client_ip = hop.client_ip;
     let drain = conn.drain.clone();
     let keep_slot = conn.slot.clone();
     metrics.upgraded.inc();
-    metrics.handshake_duration.observe(started.elapsed().as_secs_f64());
+    metrics
+        .handshake_duration
+        .observe(started.elapsed().as_secs_f64());
     conn.tunnels.spawn(async move {
         let _slot = keep_slot;
         let (client_io, upstream_io) = match tokio::join!(client_upgrade, upstream_upgrade) {
             (Ok(client_io), Ok(upstream_io)) => (client_io, upstream_io),
             (client, upstream) => {
-                tracing::debug!(client_ok = client.is_ok(), upstream_ok = upstream.is_ok(), "upgrade did not complete");
+                tracing::debug!(
+                    client_ok = client.is_ok(),
+                    upstream_ok = upstream.is_ok(),
+                    "upgrade did not complete"
+                );
                 return;
             }
         };
         metrics.tunnels_active.inc();
-        let outcome = tunnel::splice(TokioIo::new(client_io), TokioIo::new(upstream_io), idle_timeout, drain).await;
+        let outcome = tunnel::splice(
+            TokioIo::new(client_io),
+            TokioIo::new(upstream_io),
+            idle_timeout,
+            drain,
+        )
+        .await;
         metrics.tunnels_active.dec();
         metrics.tunnel_closed(&outcome);
         tracing::debug!(
@@ -345,26 +417,42 @@ async fn upgrade(
     Ok(Response::from_parts(head, empty()))
 }
 
-async fn forward_plain(request: Request<Incoming>, route: &Route, hop: &Hop) -> Result<Response<ProxyBody>, Rejection> {
-    let (mut parts, body) = request.into_parts();
-    rewrite_request_head(&mut parts, hop, false);
+async fn forward_plain(
+    mut parts: http::request::Parts,
+    body: Incoming,
+    route: &Route,
+) -> Result<Response<ProxyBody>, Rejection> {
     // The pooled client wants an absolute URI; its connector ignores the
     // authority and asks the upstream's balancer instead.
-    let path_and_query = parts.uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("/");
     parts.uri = format!("http://upstream.invalid{path_and_query}")
         .parse()
-        .map_err(|_| Rejection::BadHandshake { detail: "the request target is not valid" })?;
+        .map_err(|_| Rejection::BadHandshake {
+            detail: "the request target is not valid",
+        })?;
     let upstream = &route.upstream;
     let timeout = route.config.handshake_timeout;
     let name = &upstream.config.name;
-    let response = match tokio::time::timeout(timeout, upstream.http_client().request(Request::from_parts(parts, body))).await {
+    let response = match tokio::time::timeout(
+        timeout,
+        upstream
+            .http_client()
+            .request(Request::from_parts(parts, body)),
+    )
+    .await
+    {
         Err(_) => {
             return Err(Rejection::UpstreamTimeout {
                 detail: format!("upstream {name:?} did not answer within {timeout:?}"),
             });
         }
         Ok(Err(error)) => {
-            let connect_error = std::error::Error::source(&error).and_then(|source| source.downcast_ref::<ConnectError>());
+            let connect_error = std::error::Error::source(&error)
+                .and_then(|source| source.downcast_ref::<ConnectError>());
             return Err(match connect_error {
                 Some(connect_error) => connect_rejection(connect_error),
                 None => Rejection::UpstreamUnavailable {

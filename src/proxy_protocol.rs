@@ -56,7 +56,12 @@ pub async fn read_proxy_header(
 async fn read_header(stream: &mut TcpStream) -> Result<Option<SocketAddr>, ProxyHeaderError> {
     let mut first = [0u8; 1];
     // `peek` waits until at least one byte is there, so no busy loop.
-    if stream.peek(&mut first).await.map_err(ProxyHeaderError::Io)? == 0 {
+    if stream
+        .peek(&mut first)
+        .await
+        .map_err(ProxyHeaderError::Io)?
+        == 0
+    {
         return Err(ProxyHeaderError::Closed);
     }
     match first[0] {
@@ -100,11 +105,17 @@ async fn read_v1(stream: &mut TcpStream) -> Result<Option<SocketAddr>, ProxyHead
         if room == 0 {
             return Err(ProxyHeaderError::TooLong);
         }
-        let seen = stream.peek(&mut window[..room]).await.map_err(ProxyHeaderError::Io)?;
+        let seen = stream
+            .peek(&mut window[..room])
+            .await
+            .map_err(ProxyHeaderError::Io)?;
         if seen == 0 {
             return Err(ProxyHeaderError::Closed);
         }
-        let take = window[..seen].iter().position(|&byte| byte == b'\n').map_or(seen, |end| end + 1);
+        let take = window[..seen]
+            .iter()
+            .position(|&byte| byte == b'\n')
+            .map_or(seen, |end| end + 1);
         let start = header.len();
         header.resize(start + take, 0);
         read_exact(stream, &mut header[start..]).await?;
@@ -113,11 +124,17 @@ async fn read_v1(stream: &mut TcpStream) -> Result<Option<SocketAddr>, ProxyHead
     let parsed = ppp::v1::Header::try_from(header.as_slice()).map_err(ProxyHeaderError::V1)?;
     // The parser stops at the first `\r`; a header with bytes after it is not one.
     if parsed.header.len() != header.len() {
-        return Err(ProxyHeaderError::V1(ppp::v1::ParseError::InvalidSuffix.into()));
+        return Err(ProxyHeaderError::V1(
+            ppp::v1::ParseError::InvalidSuffix.into(),
+        ));
     }
     Ok(match parsed.addresses {
-        ppp::v1::Addresses::Tcp4(ip) => Some(SocketAddr::new(ip.source_address.into(), ip.source_port)),
-        ppp::v1::Addresses::Tcp6(ip) => Some(SocketAddr::new(ip.source_address.into(), ip.source_port)),
+        ppp::v1::Addresses::Tcp4(ip) => {
+            Some(SocketAddr::new(ip.source_address.into(), ip.source_port))
+        }
+        ppp::v1::Addresses::Tcp6(ip) => {
+            Some(SocketAddr::new(ip.source_address.into(), ip.source_port))
+        }
         ppp::v1::Addresses::Unknown => None,
     })
 }
@@ -125,7 +142,9 @@ async fn read_v1(stream: &mut TcpStream) -> Result<Option<SocketAddr>, ProxyHead
 async fn read_exact(stream: &mut TcpStream, buffer: &mut [u8]) -> Result<(), ProxyHeaderError> {
     match stream.read_exact(buffer).await {
         Ok(_) => Ok(()),
-        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => Err(ProxyHeaderError::Closed),
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(ProxyHeaderError::Closed)
+        }
         Err(error) => Err(ProxyHeaderError::Io(error)),
     }
 }
@@ -143,7 +162,9 @@ mod tests {
 
     /// Sends `chunks` from a real client socket (each its own write, to split
     /// the header across segments) and runs `read_proxy_header` on the server side.
-    async fn receive(chunks: Vec<Vec<u8>>) -> (Result<Option<SocketAddr>, ProxyHeaderError>, Vec<u8>) {
+    async fn receive(
+        chunks: Vec<Vec<u8>>,
+    ) -> (Result<Option<SocketAddr>, ProxyHeaderError>, Vec<u8>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let client = tokio::spawn(async move {
@@ -177,7 +198,10 @@ mod tests {
     async fn v1_tcp4_source_is_returned_and_the_request_is_untouched() {
         let header = b"PROXY TCP4 203.0.113.7 10.0.0.1 51234 443\r\n";
         let (result, rest) = receive(with_app_bytes(header)).await;
-        assert_eq!(result.unwrap(), Some(SocketAddr::from((Ipv4Addr::new(203, 0, 113, 7), 51234))));
+        assert_eq!(
+            result.unwrap(),
+            Some(SocketAddr::from((Ipv4Addr::new(203, 0, 113, 7), 51234)))
+        );
         assert_eq!(rest, APP_BYTES);
     }
 
@@ -199,9 +223,16 @@ mod tests {
 
     #[tokio::test]
     async fn v1_header_split_across_writes_is_assembled() {
-        let chunks = vec![b"PROXY TCP4 198.51".to_vec(), b".100.9 10.0.0.1 1 2\r".to_vec(), [b"\n", APP_BYTES].concat()];
+        let chunks = vec![
+            b"PROXY TCP4 198.51".to_vec(),
+            b".100.9 10.0.0.1 1 2\r".to_vec(),
+            [b"\n", APP_BYTES].concat(),
+        ];
         let (result, rest) = receive(chunks).await;
-        assert_eq!(result.unwrap(), Some(SocketAddr::from((Ipv4Addr::new(198, 51, 100, 9), 1))));
+        assert_eq!(
+            result.unwrap(),
+            Some(SocketAddr::from((Ipv4Addr::new(198, 51, 100, 9), 1)))
+        );
         assert_eq!(rest, APP_BYTES);
     }
 
@@ -226,8 +257,16 @@ mod tests {
     #[tokio::test]
     async fn v2_tcp6_source_is_returned_even_when_split() {
         let source: SocketAddr = "[2001:db8::44]:6001".parse().unwrap();
-        let header = v2_header(v2::Command::Proxy, source, "[2001:db8::1]:443".parse().unwrap());
-        let chunks = vec![header[..10].to_vec(), header[10..20].to_vec(), [&header[20..], APP_BYTES].concat()];
+        let header = v2_header(
+            v2::Command::Proxy,
+            source,
+            "[2001:db8::1]:443".parse().unwrap(),
+        );
+        let chunks = vec![
+            header[..10].to_vec(),
+            header[10..20].to_vec(),
+            [&header[20..], APP_BYTES].concat(),
+        ];
         let (result, rest) = receive(chunks).await;
         assert_eq!(result.unwrap(), Some(source));
         assert_eq!(rest, APP_BYTES);
@@ -235,7 +274,11 @@ mod tests {
 
     #[tokio::test]
     async fn v2_local_means_use_the_peer() {
-        let header = v2_header(v2::Command::Local, "127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
+        let header = v2_header(
+            v2::Command::Local,
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        );
         let (result, rest) = receive(with_app_bytes(&header)).await;
         assert_eq!(result.unwrap(), None);
         assert_eq!(rest, APP_BYTES);
@@ -244,37 +287,60 @@ mod tests {
     #[tokio::test]
     async fn garbage_is_refused() {
         let (result, _) = receive(vec![APP_BYTES.to_vec()]).await;
-        assert!(matches!(result, Err(ProxyHeaderError::NotProxy)), "{result:?}");
+        assert!(
+            matches!(result, Err(ProxyHeaderError::NotProxy)),
+            "{result:?}"
+        );
     }
 
     #[tokio::test]
     async fn malformed_v1_is_refused() {
         let (result, _) = receive(with_app_bytes(b"PROXY TCP4 not-an-ip 10.0.0.1 1 2\r\n")).await;
         assert!(matches!(result, Err(ProxyHeaderError::V1(_))), "{result:?}");
-        let (result, _) = receive(vec![[b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2".as_slice(), &[b'x'; 100]].concat()]).await;
-        assert!(matches!(result, Err(ProxyHeaderError::TooLong)), "{result:?}");
+        let (result, _) = receive(vec![
+            [b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2".as_slice(), &[b'x'; 100]].concat(),
+        ])
+        .await;
+        assert!(
+            matches!(result, Err(ProxyHeaderError::TooLong)),
+            "{result:?}"
+        );
     }
 
     #[tokio::test]
     async fn bad_v2_signature_is_refused() {
         let (result, _) = receive(vec![b"\r\n\r\nnot the signature at all".to_vec()]).await;
-        assert!(matches!(result, Err(ProxyHeaderError::NotProxy)), "{result:?}");
+        assert!(
+            matches!(result, Err(ProxyHeaderError::NotProxy)),
+            "{result:?}"
+        );
     }
 
     #[tokio::test]
     async fn early_close_is_refused() {
         let (result, _) = receive(vec![b"PROXY TCP4 1.2.3.4".to_vec()]).await;
-        assert!(matches!(result, Err(ProxyHeaderError::Closed)), "{result:?}");
+        assert!(
+            matches!(result, Err(ProxyHeaderError::Closed)),
+            "{result:?}"
+        );
         let (result, _) = receive(vec![]).await;
-        assert!(matches!(result, Err(ProxyHeaderError::Closed)), "{result:?}");
+        assert!(
+            matches!(result, Err(ProxyHeaderError::Closed)),
+            "{result:?}"
+        );
     }
 
     #[tokio::test]
     async fn a_silent_client_times_out() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
         let (mut server, _) = listener.accept().await.unwrap();
         let result = read_proxy_header(&mut server, Duration::from_millis(100)).await;
-        assert!(matches!(result, Err(ProxyHeaderError::Timeout(_))), "{result:?}");
+        assert!(
+            matches!(result, Err(ProxyHeaderError::Timeout(_))),
+            "{result:?}"
+        );
     }
 }

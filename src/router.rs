@@ -9,7 +9,9 @@ use crate::config::RouteConfig;
 /// their brackets.
 pub fn normalise_request_host(host: &str) -> String {
     let without_port = if host.starts_with('[') {
-        host.split_once(']').map(|(inside, _)| &host[..inside.len() + 1]).unwrap_or(host)
+        host.split_once(']')
+            .map(|(inside, _)| &host[..inside.len() + 1])
+            .unwrap_or(host)
     } else {
         host.rsplit_once(':').map(|(name, _)| name).unwrap_or(host)
     };
@@ -35,7 +37,13 @@ pub fn route(routes: &[Arc<RouteConfig>], host: &str, path: &str) -> Option<usiz
         .filter(|(_, route)| route.host.as_deref().is_none_or(|wanted| wanted == host))
         .filter(|(_, route)| path_matches(&route.path, path))
         // On a tie the earlier route wins, as `check` refuses exact duplicates anyway.
-        .max_by_key(|(index, route)| (route.host.is_some(), route.path.len(), std::cmp::Reverse(*index)))
+        .max_by_key(|(index, route)| {
+            (
+                route.host.is_some(),
+                route.path.len(),
+                std::cmp::Reverse(*index),
+            )
+        })
         .map(|(index, _)| index)
 }
 
@@ -48,7 +56,9 @@ mod tests {
         let text = format!(
             "[[listener]]\naddr = \"127.0.0.1:0\"\n[upstream.u]\nservers = [\"127.0.0.1:1\"]\n{toml_routes}"
         );
-        Config::parse(&text, std::path::Path::new(".")).unwrap().routes
+        Config::parse(&text, std::path::Path::new("."))
+            .unwrap()
+            .routes
     }
 
     fn chosen(routes: &[Arc<RouteConfig>], host: &str, path: &str) -> Option<String> {
@@ -76,9 +86,18 @@ mod tests {
             "[[route]]\npath = \"/ws/deep\"\nupstream = \"u\"\nname = \"any\"\n\
              [[route]]\nhost = \"API.example.com\"\npath = \"/\"\nupstream = \"u\"\nname = \"api\"\n",
         );
-        assert_eq!(chosen(&table, "api.EXAMPLE.com:8443", "/ws/deep").as_deref(), Some("api"));
-        assert_eq!(chosen(&table, "api.example.com.", "/x").as_deref(), Some("api"));
-        assert_eq!(chosen(&table, "other.example.com", "/ws/deep").as_deref(), Some("any"));
+        assert_eq!(
+            chosen(&table, "api.EXAMPLE.com:8443", "/ws/deep").as_deref(),
+            Some("api")
+        );
+        assert_eq!(
+            chosen(&table, "api.example.com.", "/x").as_deref(),
+            Some("api")
+        );
+        assert_eq!(
+            chosen(&table, "other.example.com", "/ws/deep").as_deref(),
+            Some("any")
+        );
         assert_eq!(chosen(&table, "other.example.com", "/x"), None);
     }
 

@@ -50,10 +50,20 @@ impl Reloader {
     /// Swaps in `config` for new connections; established ones keep theirs.
     /// Listener addresses cannot change while running: that needs a restart.
     pub fn apply(&self, config: &Config) -> Result<(), String> {
-        let wanted: Vec<(SocketAddr, bool)> = config.listeners.iter().map(|l| (l.addr, l.tls.is_some())).collect();
-        let current = self.config_listeners.lock().map_err(|_| "reload state poisoned")?.clone();
+        let wanted: Vec<(SocketAddr, bool)> = config
+            .listeners
+            .iter()
+            .map(|l| (l.addr, l.tls.is_some()))
+            .collect();
+        let current = self
+            .config_listeners
+            .lock()
+            .map_err(|_| "reload state poisoned")?
+            .clone();
         if wanted != current {
-            return Err("listener addresses or TLS on/off changed; restart wsgate to apply that".to_owned());
+            return Err(
+                "listener addresses or TLS on/off changed; restart wsgate to apply that".to_owned(),
+            );
         }
         let state = State::build(config, &self.metrics)?;
         self.state.send_replace(Arc::new(state));
@@ -79,27 +89,37 @@ impl Proxy {
         let state = State::build(config, &metrics).map_err(anyhow::Error::msg)?;
         let mut listeners = Vec::new();
         for (index, listener) in config.listeners.iter().enumerate() {
-            let bound = TcpListener::bind(listener.addr)
-                .await
-                .map_err(|error| anyhow::anyhow!("cannot listen on {} (listener[{index}]): {error}", listener.addr))?;
+            let bound = TcpListener::bind(listener.addr).await.map_err(|error| {
+                anyhow::anyhow!(
+                    "cannot listen on {} (listener[{index}]): {error}",
+                    listener.addr
+                )
+            })?;
             listeners.push((index, bound));
         }
         let admin = match config.admin {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|error| anyhow::anyhow!("cannot listen on {addr} (admin.addr): {error}"))?,
-            ),
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|error| {
+                anyhow::anyhow!("cannot listen on {addr} (admin.addr): {error}")
+            })?),
             None => None,
         };
         let state = Arc::new(watch::Sender::new(Arc::new(state)));
-        let listener_addrs = Arc::new(listeners.iter().filter_map(|(_, l)| l.local_addr().ok()).collect());
+        let listener_addrs = Arc::new(
+            listeners
+                .iter()
+                .filter_map(|(_, l)| l.local_addr().ok())
+                .collect(),
+        );
         let reloader = Reloader {
             state: state.clone(),
             metrics: metrics.clone(),
             listener_addrs,
             config_listeners: Arc::new(Mutex::new(
-                config.listeners.iter().map(|l| (l.addr, l.tls.is_some())).collect(),
+                config
+                    .listeners
+                    .iter()
+                    .map(|l| (l.addr, l.tls.is_some()))
+                    .collect(),
             )),
         };
         Ok(Proxy {
@@ -113,11 +133,16 @@ impl Proxy {
 
     /// Actual listener addresses, in config order.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().filter_map(|(_, listener)| listener.local_addr().ok()).collect()
+        self.listeners
+            .iter()
+            .filter_map(|(_, listener)| listener.local_addr().ok())
+            .collect()
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin.as_ref().and_then(|listener| listener.local_addr().ok())
+        self.admin
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok())
     }
 
     pub fn reloader(&self) -> Reloader {
@@ -147,20 +172,34 @@ impl Proxy {
         let stopped = CancellationToken::new();
         let _stop_admin = stopped.clone().drop_guard();
         if let Some(admin) = self.admin {
-            tokio::spawn(crate::admin::serve(admin, self.metrics.clone(), ready.clone(), stopped));
+            tokio::spawn(crate::admin::serve(
+                admin,
+                self.metrics.clone(),
+                ready.clone(),
+                stopped,
+            ));
         }
 
         shutdown.await;
         ready.store(false, Ordering::Release);
         let drain_timeout = self.state.borrow().server.drain_timeout;
-        tracing::info!(?drain_timeout, "shutting down: no new connections, draining");
+        tracing::info!(
+            ?drain_timeout,
+            "shutting down: no new connections, draining"
+        );
         stop_accepting.cancel();
         for accept_loop in accept_loops {
             let _ = accept_loop.await;
         }
         tracker.close();
-        if tokio::time::timeout(drain_timeout, tracker.wait()).await.is_err() {
-            tracing::info!(remaining = tracker.len(), "drain timeout reached; closing the remaining connections");
+        if tokio::time::timeout(drain_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::info!(
+                remaining = tracker.len(),
+                "drain timeout reached; closing the remaining connections"
+            );
             drain.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
         }
@@ -253,12 +292,29 @@ struct ConnectionTask {
 }
 
 impl ConnectionTask {
-    async fn run(self) {
+    async fn run(mut self) {
         let _ = self.tcp.set_nodelay(true);
-        let acceptor = self.state.listener_tls.get(self.listener_index).cloned().flatten();
+        let acceptor = self
+            .state
+            .listener_tls
+            .get(self.listener_index)
+            .cloned()
+            .flatten();
         if self.over_limit {
             self.refuse_overloaded(acceptor.is_some()).await;
             return;
+        }
+        if self
+            .state
+            .listener_proxy_protocol
+            .get(self.listener_index)
+            .copied()
+            .unwrap_or(false)
+        {
+            match self.read_proxy_header().await {
+                Some(client) => self.peer = client,
+                None => return,
+            }
         }
         let peer = self.peer;
         let connection = |tls: bool| Connection {
@@ -282,21 +338,54 @@ impl ConnectionTask {
         }
     }
 
+    /// The client address a PROXY header vouches for (the TCP peer for a
+    /// LOCAL health check), or `None` when the connection must be closed: no
+    /// valid header, or a sender we do not trust to speak for clients.
+    async fn read_proxy_header(&mut self) -> Option<SocketAddr> {
+        let peer = self.peer;
+        if !crate::headers::is_trusted(peer.ip(), &self.state.server.trusted_proxies) {
+            tracing::warn!(%peer, "PROXY header from a peer not in trusted_proxies; closing");
+            return None;
+        }
+        match crate::proxy_protocol::read_proxy_header(
+            &mut self.tcp,
+            self.state.server.header_timeout,
+        )
+        .await
+        {
+            Ok(Some(client)) => Some(client),
+            Ok(None) => Some(peer),
+            Err(error) => {
+                tracing::warn!(%peer, %error, "invalid PROXY header; closing");
+                None
+            }
+        }
+    }
+
     /// Plaintext gets a proper 503; on TLS, doing a full handshake just to say
     /// "too busy" would spend the CPU we are short of, so the socket is closed.
     async fn refuse_overloaded(mut self, tls: bool) {
         tracing::warn!(peer = %self.peer, limit = self.state.server.max_connections, "max_connections reached; refusing a connection");
-        self.state.unrouted_metrics.rejection(Rejection::Overloaded.reason());
+        self.state
+            .unrouted_metrics
+            .rejection(Rejection::Overloaded.reason());
         if tls {
             return;
         }
         let response = Rejection::Overloaded.into_response();
         let mut head = format!("HTTP/1.1 {}\r\n", response.status());
         for (name, value) in response.headers() {
-            head.push_str(&format!("{}: {}\r\n", name, value.to_str().unwrap_or_default()));
+            head.push_str(&format!(
+                "{}: {}\r\n",
+                name,
+                value.to_str().unwrap_or_default()
+            ));
         }
         let body = response.body();
-        head.push_str(&format!("content-length: {}\r\nconnection: close\r\n\r\n", body.len()));
+        head.push_str(&format!(
+            "content-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        ));
         let write = async {
             self.tcp.write_all(head.as_bytes()).await?;
             self.tcp.write_all(body).await?;
@@ -324,7 +413,9 @@ where
     let peer = connection.peer;
     let connection = Arc::new(connection);
     let service = service_fn(move |request| proxy::handle(request, connection.clone()));
-    let serving = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
+    let serving = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
     tokio::pin!(serving);
     let result = tokio::select! {
         result = serving.as_mut() => result,

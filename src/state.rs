@@ -25,6 +25,8 @@ pub struct State {
     pub unrouted_metrics: RouteMetrics,
     /// Per listener, in config order; `None` for plaintext listeners.
     pub listener_tls: Vec<Option<TlsAcceptor>>,
+    /// Per listener, in config order: connections start with a PROXY header.
+    pub listener_proxy_protocol: Vec<bool>,
 }
 
 impl State {
@@ -65,6 +67,11 @@ impl State {
             routes,
             unrouted_metrics: metrics.route("-"),
             listener_tls,
+            listener_proxy_protocol: config
+                .listeners
+                .iter()
+                .map(|listener| listener.proxy_protocol)
+                .collect(),
         })
     }
 }

@@ -44,12 +44,21 @@ pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, St
 
 impl CertPair {
     pub fn load(cert_path: &Path, key_path: &Path) -> Result<CertPair, CertError> {
-        let chain = load_certificates(cert_path).map_err(|message| CertError { key: "cert", message })?;
+        let chain = load_certificates(cert_path).map_err(|message| CertError {
+            key: "cert",
+            message,
+        })?;
         let key = PrivateKeyDer::from_pem_file(key_path).map_err(|error| CertError {
             key: "key",
-            message: format!("cannot read a private key from {}: {error}", key_path.display()),
+            message: format!(
+                "cannot read a private key from {}: {error}",
+                key_path.display()
+            ),
         })?;
-        let (names, self_signed) = describe_leaf(&chain[0]).map_err(|message| CertError { key: "cert", message })?;
+        let (names, self_signed) = describe_leaf(&chain[0]).map_err(|message| CertError {
+            key: "cert",
+            message,
+        })?;
         let pair = CertPair {
             cert_path: cert_path.to_path_buf(),
             chain,
@@ -58,7 +67,11 @@ impl CertPair {
             self_signed,
         };
         // Catch a key that does not belong to the certificate now, not at the first handshake.
-        pair.certified_key(&provider()).map_err(|message| CertError { key: "key", message })?;
+        pair.certified_key(&provider())
+            .map_err(|message| CertError {
+                key: "key",
+                message,
+            })?;
         Ok(pair)
     }
 
@@ -160,7 +173,9 @@ pub fn server_config(pairs: &[CertPair]) -> Result<Arc<rustls::ServerConfig>, St
 }
 
 /// Client config for `tls = true` upstreams: webpki roots plus the upstream's `ca`.
-pub fn upstream_client_config(extra_roots: &[CertificateDer<'static>]) -> Result<Arc<rustls::ClientConfig>, String> {
+pub fn upstream_client_config(
+    extra_roots: &[CertificateDer<'static>],
+) -> Result<Arc<rustls::ClientConfig>, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     for cert in extra_roots {

@@ -8,7 +8,7 @@
 //! while the other keeps flowing; the tunnel ends when both have finished, when
 //! no byte moved either way for `idle_timeout`, or when a drain cuts it.
 
-use std::future::{poll_fn, Future};
+use std::future::{Future, poll_fn};
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -116,8 +116,13 @@ impl Pump {
         }
         for _ in 0..READS_PER_POLL {
             while self.backlog_written < self.backlog.len() {
-                match writer.as_mut().poll_write(cx, &self.backlog[self.backlog_written..]) {
-                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(PumpError::Write(io::ErrorKind::WriteZero.into()))),
+                match writer
+                    .as_mut()
+                    .poll_write(cx, &self.backlog[self.backlog_written..])
+                {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(PumpError::Write(io::ErrorKind::WriteZero.into())));
+                    }
                     Poll::Ready(Ok(written)) => {
                         self.backlog_written += written;
                         self.needs_flush = true;
@@ -152,10 +157,14 @@ impl Pump {
                     while written < data.len() {
                         match writer.as_mut().poll_write(cx, &data[written..]) {
                             Poll::Ready(Ok(0)) => {
-                                return Poll::Ready(Err(PumpError::Write(io::ErrorKind::WriteZero.into())));
+                                return Poll::Ready(Err(PumpError::Write(
+                                    io::ErrorKind::WriteZero.into(),
+                                )));
                             }
                             Poll::Ready(Ok(count)) => written += count,
-                            Poll::Ready(Err(error)) => return Poll::Ready(Err(PumpError::Write(error))),
+                            Poll::Ready(Err(error)) => {
+                                return Poll::Ready(Err(PumpError::Write(error)));
+                            }
                             Poll::Pending => break,
                         }
                     }
@@ -184,19 +193,25 @@ impl Pump {
 /// A reset or broken pipe is that side going away, not a proxy error.
 fn cause_of(error: &io::Error, side: Side) -> CloseCause {
     match error.kind() {
-        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionAborted => {
-            match side {
-                Side::Client => CloseCause::Client,
-                Side::Upstream => CloseCause::Upstream,
-            }
-        }
+        io::ErrorKind::ConnectionReset
+        | io::ErrorKind::BrokenPipe
+        | io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionAborted => match side {
+            Side::Client => CloseCause::Client,
+            Side::Upstream => CloseCause::Upstream,
+        },
         _ => CloseCause::Error,
     }
 }
 
 /// Splices `client` and `upstream` until both directions end, the tunnel sits
 /// idle for `idle_timeout`, or `drain` is cancelled.
-pub async fn splice<C, U>(mut client: C, mut upstream: U, idle_timeout: Duration, drain: CancellationToken) -> TunnelOutcome
+pub async fn splice<C, U>(
+    mut client: C,
+    mut upstream: U,
+    idle_timeout: Duration,
+    drain: CancellationToken,
+) -> TunnelOutcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -213,12 +228,29 @@ where
 
     let cause = poll_fn(|cx| {
         let mut moved = false;
-        let upward = to_upstream.poll_pump(cx, Pin::new(&mut client), Pin::new(&mut upstream), &mut moved);
-        let downward = to_client.poll_pump(cx, Pin::new(&mut upstream), Pin::new(&mut client), &mut moved);
-        for (result, read_side, write_side) in [(&upward, Side::Client, Side::Upstream), (&downward, Side::Upstream, Side::Client)] {
+        let upward = to_upstream.poll_pump(
+            cx,
+            Pin::new(&mut client),
+            Pin::new(&mut upstream),
+            &mut moved,
+        );
+        let downward = to_client.poll_pump(
+            cx,
+            Pin::new(&mut upstream),
+            Pin::new(&mut client),
+            &mut moved,
+        );
+        for (result, read_side, write_side) in [
+            (&upward, Side::Client, Side::Upstream),
+            (&downward, Side::Upstream, Side::Client),
+        ] {
             match result {
-                Poll::Ready(Err(PumpError::Read(error))) => return Poll::Ready(cause_of(error, read_side)),
-                Poll::Ready(Err(PumpError::Write(error))) => return Poll::Ready(cause_of(error, write_side)),
+                Poll::Ready(Err(PumpError::Read(error))) => {
+                    return Poll::Ready(cause_of(error, read_side));
+                }
+                Poll::Ready(Err(PumpError::Write(error))) => {
+                    return Poll::Ready(cause_of(error, write_side));
+                }
                 _ => {}
             }
         }

@@ -5,13 +5,13 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -58,7 +58,9 @@ pub struct Upstream {
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Upstream").field("name", &self.config.name).finish()
+        f.debug_struct("Upstream")
+            .field("name", &self.config.name)
+            .finish()
     }
 }
 
@@ -84,7 +86,8 @@ pub struct Connector {
 impl tower_service::Service<http::Uri> for Connector {
     type Response = TokioIo<UpstreamStream>;
     type Error = ConnectError;
-    type Future = Pin<Box<dyn std::future::Future<Output = Result<Self::Response, ConnectError>> + Send>>;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, ConnectError>> + Send>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
         Poll::Ready(Ok(()))
@@ -108,7 +111,9 @@ impl tower_service::Service<http::Uri> for Connector {
 impl Upstream {
     pub fn new(config: Arc<UpstreamConfig>) -> Result<Arc<Upstream>, String> {
         let tls = match &config.tls {
-            Some(tls) => Some(TlsConnector::from(crate::tls::upstream_client_config(&tls.extra_roots)?)),
+            Some(tls) => Some(TlsConnector::from(crate::tls::upstream_client_config(
+                &tls.extra_roots,
+            )?)),
             None => None,
         };
         let upstream = Arc::new_cyclic(|weak| {
@@ -118,10 +123,16 @@ impl Upstream {
                 // Host must reach the backend exactly as the client sent it.
                 .set_host(false)
                 .http1_preserve_header_case(true)
-                .build(Connector { upstream: weak.clone() });
+                .build(Connector {
+                    upstream: weak.clone(),
+                });
             Upstream {
                 active: config.servers.iter().map(|_| AtomicUsize::new(0)).collect(),
-                healthy: config.servers.iter().map(|_| AtomicBool::new(true)).collect(),
+                healthy: config
+                    .servers
+                    .iter()
+                    .map(|_| AtomicBool::new(true))
+                    .collect(),
                 config,
                 next: AtomicUsize::new(0),
                 tls,
@@ -129,7 +140,10 @@ impl Upstream {
             }
         });
         if let Some(check) = upstream.config.health_check.clone() {
-            tokio::spawn(crate::health::check_forever(Arc::downgrade(&upstream), check));
+            tokio::spawn(crate::health::check_forever(
+                Arc::downgrade(&upstream),
+                check,
+            ));
         }
         Ok(upstream)
     }
@@ -191,7 +205,10 @@ impl Upstream {
         }))
     }
 
-    pub(crate) async fn connect_to(self: &Arc<Self>, index: usize) -> Result<UpstreamStream, ConnectError> {
+    pub(crate) async fn connect_to(
+        self: &Arc<Self>,
+        index: usize,
+    ) -> Result<UpstreamStream, ConnectError> {
         let server = &self.config.servers[index];
         let unavailable = |source: io::Error| ConnectError::Unavailable {
             upstream: self.config.name.clone(),
@@ -200,28 +217,37 @@ impl Upstream {
         };
         let timeout = self.config.connect_timeout;
         let attempt = async {
-            let tcp = TcpStream::connect(server.as_str()).await.map_err(unavailable)?;
+            let tcp = TcpStream::connect(server.as_str())
+                .await
+                .map_err(unavailable)?;
             // Frames must not wait for Nagle: WebSocket traffic is small and latency-bound.
             tcp.set_nodelay(true).map_err(unavailable)?;
             let io = match &self.tls {
                 None => StreamKind::Plain(tcp),
                 Some(connector) => {
-                    let host = server.rsplit_once(':').map(|(host, _)| host).unwrap_or(server);
+                    let host = server
+                        .rsplit_once(':')
+                        .map(|(host, _)| host)
+                        .unwrap_or(server);
                     let host = host.trim_start_matches('[').trim_end_matches(']');
-                    let name = ServerName::try_from(host.to_owned())
-                        .map_err(|error| unavailable(io::Error::new(io::ErrorKind::InvalidInput, error)))?;
-                    StreamKind::Tls(Box::new(connector.connect(name, tcp).await.map_err(unavailable)?))
+                    let name = ServerName::try_from(host.to_owned()).map_err(|error| {
+                        unavailable(io::Error::new(io::ErrorKind::InvalidInput, error))
+                    })?;
+                    StreamKind::Tls(Box::new(
+                        connector.connect(name, tcp).await.map_err(unavailable)?,
+                    ))
                 }
             };
             Ok(io)
         };
-        let io = tokio::time::timeout(timeout, attempt)
-            .await
-            .map_err(|_| ConnectError::Timeout {
-                upstream: self.config.name.clone(),
-                server: server.clone(),
-                timeout,
-            })??;
+        let io =
+            tokio::time::timeout(timeout, attempt)
+                .await
+                .map_err(|_| ConnectError::Timeout {
+                    upstream: self.config.name.clone(),
+                    server: server.clone(),
+                    timeout,
+                })??;
         self.active[index].fetch_add(1, Ordering::Relaxed);
         Ok(UpstreamStream {
             io,
@@ -260,7 +286,11 @@ impl Connection for UpstreamStream {
 }
 
 impl AsyncRead for UpstreamStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match &mut self.get_mut().io {
             StreamKind::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
             StreamKind::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
@@ -269,7 +299,11 @@ impl AsyncRead for UpstreamStream {
 }
 
 impl AsyncWrite for UpstreamStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match &mut self.get_mut().io {
             StreamKind::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
             StreamKind::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use crate::policy::auth::AuthPolicy;
 use crate::policy::origin::OriginPattern;
 use crate::tls::CertPair;
 
@@ -88,7 +89,9 @@ impl Problems {
             Err(error) => {
                 self.add(
                     key,
-                    format!("{text:?} is not a duration such as \"500ms\", \"30s\" or \"24h\" ({error})"),
+                    format!(
+                        "{text:?} is not a duration such as \"500ms\", \"30s\" or \"24h\" ({error})"
+                    ),
                 );
                 default
             }
@@ -107,10 +110,6 @@ impl Problems {
             }
         }
         nets
-    }
-
-    fn not_supported(&mut self, key: &str) {
-        self.add(key, "not supported yet by this version of wsgate");
     }
 }
 
@@ -222,6 +221,7 @@ pub struct RouteConfig {
     pub handshake_timeout: Duration,
     pub allow_ips: Option<Vec<IpNet>>,
     pub deny_ips: Vec<IpNet>,
+    pub auth: Option<Arc<AuthPolicy>>,
 }
 
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -259,7 +259,8 @@ impl Config {
 }
 
 fn parse_raw(text: &str) -> Result<raw::RawConfig, Vec<Problem>> {
-    let deserializer = toml::Deserializer::parse(text).map_err(|error| vec![toml_problem(text, String::new(), &error)])?;
+    let deserializer = toml::Deserializer::parse(text)
+        .map_err(|error| vec![toml_problem(text, String::new(), &error)])?;
     serde_path_to_error::deserialize(deserializer).map_err(|error| {
         let key = error.path().to_string();
         let key = if key == "." { String::new() } else { key };
@@ -295,11 +296,16 @@ fn validate(raw: raw::RawConfig, base: &Path, problems: &mut Problems) -> Config
         .listener
         .iter()
         .enumerate()
-        .filter_map(|(index, listener)| validate_listener(&format!("listener[{index}]"), listener, base, problems))
+        .filter_map(|(index, listener)| {
+            validate_listener(&format!("listener[{index}]"), listener, base, problems)
+        })
         .collect();
 
     let server = validate_server(&raw.server, problems);
-    let admin = raw.admin.as_ref().and_then(|admin| parse_addr("admin.addr", &admin.addr, problems));
+    let admin = raw
+        .admin
+        .as_ref()
+        .and_then(|admin| parse_addr("admin.addr", &admin.addr, problems));
 
     let mut upstreams = BTreeMap::new();
     for (name, upstream) in &raw.upstream {
@@ -311,7 +317,9 @@ fn validate(raw: raw::RawConfig, base: &Path, problems: &mut Problems) -> Config
         .route
         .iter()
         .enumerate()
-        .filter_map(|(index, route)| validate_route(index, route, &upstreams, &raw.upstream, problems).map(Arc::new))
+        .filter_map(|(index, route)| {
+            validate_route(index, route, base, &upstreams, &raw.upstream, problems).map(Arc::new)
+        })
         .collect::<Vec<_>>();
     if raw.route.is_empty() {
         problems.add("route", "at least one [[route]] is needed");
@@ -331,19 +339,30 @@ fn parse_addr(key: &str, text: &str, problems: &mut Problems) -> Option<SocketAd
     match text.parse::<SocketAddr>() {
         Ok(addr) => Some(addr),
         Err(_) => {
-            problems.add(key, format!("{text:?} is not an address such as \"0.0.0.0:8443\" or \"[::]:8443\""));
+            problems.add(
+                key,
+                format!("{text:?} is not an address such as \"0.0.0.0:8443\" or \"[::]:8443\""),
+            );
             None
         }
     }
 }
 
-fn validate_listener(key: &str, raw: &raw::RawListener, base: &Path, problems: &mut Problems) -> Option<ListenerConfig> {
+fn validate_listener(
+    key: &str,
+    raw: &raw::RawListener,
+    base: &Path,
+    problems: &mut Problems,
+) -> Option<ListenerConfig> {
     let addr = parse_addr(&format!("{key}.addr"), &raw.addr, problems);
     let tls = match &raw.tls {
         None => None,
         Some(tls) => {
             if tls.certs.is_empty() {
-                problems.add(format!("{key}.tls.certs"), "a TLS listener needs at least one certificate");
+                problems.add(
+                    format!("{key}.tls.certs"),
+                    "a TLS listener needs at least one certificate",
+                );
             }
             let mut pairs = Vec::new();
             for (index, pair) in tls.certs.iter().enumerate() {
@@ -356,9 +375,6 @@ fn validate_listener(key: &str, raw: &raw::RawListener, base: &Path, problems: &
             Some(pairs)
         }
     };
-    if raw.proxy_protocol {
-        problems.not_supported(&format!("{key}.proxy_protocol"));
-    }
     Some(ListenerConfig {
         addr: addr?,
         tls,
@@ -367,33 +383,67 @@ fn validate_listener(key: &str, raw: &raw::RawListener, base: &Path, problems: &
 }
 
 fn validate_server(raw: &raw::RawServer, problems: &mut Problems) -> ServerConfig {
-    let positive = |problems: &mut Problems, key: &str, value: Option<i64>, default: usize, min: usize| match value {
-        None => default,
-        Some(value) if value >= min as i64 => value as usize,
-        Some(value) => {
-            problems.add(key, format!("{value} is too small; the least allowed is {min}"));
-            default
-        }
-    };
+    let positive =
+        |problems: &mut Problems, key: &str, value: Option<i64>, default: usize, min: usize| {
+            match value {
+                None => default,
+                Some(value) if value >= min as i64 => value as usize,
+                Some(value) => {
+                    problems.add(
+                        key,
+                        format!("{value} is too small; the least allowed is {min}"),
+                    );
+                    default
+                }
+            }
+        };
     ServerConfig {
         trusted_proxies: problems.cidrs("server.trusted_proxies", &raw.trusted_proxies),
-        max_connections: positive(problems, "server.max_connections", raw.max_connections, 100_000, 1),
-        header_timeout: problems.duration("server.header_timeout", raw.header_timeout.as_deref(), Duration::from_secs(10)),
-        max_header_bytes: positive(problems, "server.max_header_bytes", raw.max_header_bytes, 16_384, 1024),
-        drain_timeout: problems.duration("server.drain_timeout", raw.drain_timeout.as_deref(), Duration::from_secs(30)),
+        max_connections: positive(
+            problems,
+            "server.max_connections",
+            raw.max_connections,
+            100_000,
+            1,
+        ),
+        header_timeout: problems.duration(
+            "server.header_timeout",
+            raw.header_timeout.as_deref(),
+            Duration::from_secs(10),
+        ),
+        max_header_bytes: positive(
+            problems,
+            "server.max_header_bytes",
+            raw.max_header_bytes,
+            16_384,
+            1024,
+        ),
+        drain_timeout: problems.duration(
+            "server.drain_timeout",
+            raw.drain_timeout.as_deref(),
+            Duration::from_secs(30),
+        ),
         tls_handshake_timeout: Duration::from_secs(10),
     }
 }
 
-fn validate_upstream(name: &str, raw: &raw::RawUpstream, base: &Path, problems: &mut Problems) -> Option<UpstreamConfig> {
+fn validate_upstream(
+    name: &str,
+    raw: &raw::RawUpstream,
+    base: &Path,
+    problems: &mut Problems,
+) -> Option<UpstreamConfig> {
     let key = format!("upstream.{name}");
     if raw.servers.is_empty() {
-        problems.add(format!("{key}.servers"), "an upstream needs at least one server");
+        problems.add(
+            format!("{key}.servers"),
+            "an upstream needs at least one server",
+        );
     }
     for (index, server) in raw.servers.iter().enumerate() {
-        let valid = server
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port > 0));
+        let valid = server.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port > 0)
+        });
         if !valid {
             problems.add(
                 format!("{key}.servers[{index}]"),
@@ -405,11 +455,18 @@ fn validate_upstream(name: &str, raw: &raw::RawUpstream, base: &Path, problems: 
         None | Some("round_robin") => Balance::RoundRobin,
         Some("least_conn") => Balance::LeastConn,
         Some(other) => {
-            problems.add(format!("{key}.balance"), format!("{other:?} is not \"round_robin\" or \"least_conn\""));
+            problems.add(
+                format!("{key}.balance"),
+                format!("{other:?} is not \"round_robin\" or \"least_conn\""),
+            );
             Balance::RoundRobin
         }
     };
-    let connect_timeout = problems.duration(&format!("{key}.connect_timeout"), raw.connect_timeout.as_deref(), Duration::from_secs(3));
+    let connect_timeout = problems.duration(
+        &format!("{key}.connect_timeout"),
+        raw.connect_timeout.as_deref(),
+        Duration::from_secs(3),
+    );
     let tls = if raw.tls {
         let mut extra_roots = Vec::new();
         if let Some(ca) = &raw.ca {
@@ -427,13 +484,26 @@ fn validate_upstream(name: &str, raw: &raw::RawUpstream, base: &Path, problems: 
     };
     let health_check = raw.health_check.as_ref().map(|check| {
         if !check.path.starts_with('/') {
-            problems.add(format!("{key}.health_check.path"), format!("{:?} must start with /", check.path));
+            problems.add(
+                format!("{key}.health_check.path"),
+                format!("{:?} must start with /", check.path),
+            );
         }
-        let interval = problems.duration(&format!("{key}.health_check.interval"), check.interval.as_deref(), Duration::from_secs(5));
+        let interval = problems.duration(
+            &format!("{key}.health_check.interval"),
+            check.interval.as_deref(),
+            Duration::from_secs(5),
+        );
         if interval.is_zero() {
-            problems.add(format!("{key}.health_check.interval"), "must be longer than zero");
+            problems.add(
+                format!("{key}.health_check.interval"),
+                "must be longer than zero",
+            );
         }
-        HealthCheck { path: check.path.clone(), interval }
+        HealthCheck {
+            path: check.path.clone(),
+            interval,
+        }
     });
     Some(UpstreamConfig {
         name: name.to_owned(),
@@ -453,6 +523,7 @@ pub fn normalise_host(host: &str) -> String {
 fn validate_route(
     index: usize,
     raw: &raw::RawRoute,
+    base: &Path,
     upstreams: &BTreeMap<String, Arc<UpstreamConfig>>,
     raw_upstreams: &BTreeMap<String, raw::RawUpstream>,
     problems: &mut Problems,
@@ -461,18 +532,31 @@ fn validate_route(
     let host = raw.host.as_deref().map(normalise_host);
     if let Some(host) = &host {
         if host.is_empty() || host.contains(['/', ':', ' ']) {
-            problems.add(format!("{key}.host"), format!("{host:?} is not a host name (no scheme, port or path)"));
+            problems.add(
+                format!("{key}.host"),
+                format!("{host:?} is not a host name (no scheme, port or path)"),
+            );
         }
     }
     let path = raw.path.clone().unwrap_or_else(|| "/".to_owned());
     if !path.starts_with('/') || path.contains(['?', '#']) {
-        problems.add(format!("{key}.path"), format!("{path:?} must start with / and have no query"));
+        problems.add(
+            format!("{key}.path"),
+            format!("{path:?} must start with / and have no query"),
+        );
     }
-    let path = if path.len() > 1 { path.trim_end_matches('/').to_owned() } else { path };
+    let path = if path.len() > 1 {
+        path.trim_end_matches('/').to_owned()
+    } else {
+        path
+    };
 
     let upstream = upstreams.get(&raw.upstream).cloned();
     if upstream.is_none() && !raw_upstreams.contains_key(&raw.upstream) {
-        problems.add(format!("{key}.upstream"), format!("no [upstream.{}] is defined", raw.upstream));
+        problems.add(
+            format!("{key}.upstream"),
+            format!("no [upstream.{}] is defined", raw.upstream),
+        );
     }
 
     let websocket = match raw.websocket.as_deref() {
@@ -480,7 +564,10 @@ fn validate_route(
         Some("required") => WebSocketMode::Required,
         Some("forbidden") => WebSocketMode::Forbidden,
         Some(other) => {
-            problems.add(format!("{key}.websocket"), format!("{other:?} is not \"required\", \"allowed\" or \"forbidden\""));
+            problems.add(
+                format!("{key}.websocket"),
+                format!("{other:?} is not \"required\", \"allowed\" or \"forbidden\""),
+            );
             WebSocketMode::Allowed
         }
     };
@@ -498,14 +585,20 @@ fn validate_route(
         }
     }
     if raw.allow_any_origin && !origins.contains(&OriginPattern::Any) {
-        problems.add(format!("{key}.allow_any_origin"), "only meaningful together with origins = [\"*\"]");
+        problems.add(
+            format!("{key}.allow_any_origin"),
+            "only meaningful together with origins = [\"*\"]",
+        );
     }
 
     let missing_origin = match raw.missing_origin.as_deref() {
         None | Some("reject") => MissingOrigin::Reject,
         Some("allow") => MissingOrigin::Allow,
         Some(other) => {
-            problems.add(format!("{key}.missing_origin"), format!("{other:?} is not \"reject\" or \"allow\""));
+            problems.add(
+                format!("{key}.missing_origin"),
+                format!("{other:?} is not \"reject\" or \"allow\""),
+            );
             MissingOrigin::Reject
         }
     };
@@ -513,29 +606,57 @@ fn validate_route(
         None | Some("enforce") => OriginMode::Enforce,
         Some("report") => OriginMode::Report,
         Some(other) => {
-            problems.add(format!("{key}.origin_mode"), format!("{other:?} is not \"enforce\" or \"report\""));
+            problems.add(
+                format!("{key}.origin_mode"),
+                format!("{other:?} is not \"enforce\" or \"report\""),
+            );
             OriginMode::Enforce
         }
     };
     if let Some(list) = &raw.subprotocols {
         if list.is_empty() {
-            problems.add(format!("{key}.subprotocols"), "an empty list would refuse every client; leave the key out instead");
+            problems.add(
+                format!("{key}.subprotocols"),
+                "an empty list would refuse every client; leave the key out instead",
+            );
         }
         for (position, token) in list.iter().enumerate() {
             if token.is_empty() || !token.bytes().all(crate::headers::is_token_byte) {
-                problems.add(format!("{key}.subprotocols[{position}]"), format!("{token:?} is not an HTTP token"));
+                problems.add(
+                    format!("{key}.subprotocols[{position}]"),
+                    format!("{token:?} is not an HTTP token"),
+                );
             }
         }
     }
-    let idle_timeout = problems.duration(&format!("{key}.idle_timeout"), raw.idle_timeout.as_deref(), DEFAULT_IDLE_TIMEOUT);
-    let handshake_timeout = problems.duration(&format!("{key}.handshake_timeout"), raw.handshake_timeout.as_deref(), Duration::from_secs(10));
-    let allow_ips = raw.allow_ips.as_ref().map(|list| problems.cidrs(&format!("{key}.allow_ips"), list));
-    let deny_ips = problems.cidrs(&format!("{key}.deny_ips"), raw.deny_ips.as_deref().unwrap_or_default());
-    if raw.auth.is_some() {
-        problems.not_supported(&format!("{key}.auth"));
-    }
+    let idle_timeout = problems.duration(
+        &format!("{key}.idle_timeout"),
+        raw.idle_timeout.as_deref(),
+        DEFAULT_IDLE_TIMEOUT,
+    );
+    let handshake_timeout = problems.duration(
+        &format!("{key}.handshake_timeout"),
+        raw.handshake_timeout.as_deref(),
+        Duration::from_secs(10),
+    );
+    let allow_ips = raw
+        .allow_ips
+        .as_ref()
+        .map(|list| problems.cidrs(&format!("{key}.allow_ips"), list));
+    let deny_ips = problems.cidrs(
+        &format!("{key}.deny_ips"),
+        raw.deny_ips.as_deref().unwrap_or_default(),
+    );
+    let auth = raw
+        .auth
+        .as_ref()
+        .and_then(|auth| AuthPolicy::from_raw(auth, base, &format!("{key}.auth"), problems))
+        .map(Arc::new);
 
-    let name = raw.name.clone().unwrap_or_else(|| format!("{}{}", host.as_deref().unwrap_or(""), path));
+    let name = raw
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{}{}", host.as_deref().unwrap_or(""), path));
     Some(RouteConfig {
         name,
         host,
@@ -550,12 +671,16 @@ fn validate_route(
         handshake_timeout,
         allow_ips,
         deny_ips,
+        auth,
     })
 }
 
 fn check_duplicate_routes(routes: &[Arc<RouteConfig>], problems: &mut Problems) {
     for (later, route) in routes.iter().enumerate() {
-        if let Some(earlier) = routes[..later].iter().position(|other| other.host == route.host && other.path == route.path) {
+        if let Some(earlier) = routes[..later]
+            .iter()
+            .position(|other| other.host == route.host && other.path == route.path)
+        {
             problems.add(
                 format!("route[{later}]"),
                 format!("same host and path as route[{earlier}], so it could never be chosen"),

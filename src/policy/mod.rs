@@ -37,7 +37,12 @@ pub fn check_ip(route: &RouteConfig, client: IpAddr) -> Result<(), Rejection> {
 /// `websocket = required | allowed | forbidden`, then RFC 6455 §4.2.1: a GET
 /// with exactly one `Sec-WebSocket-Key` that decodes to 16 bytes and
 /// `Sec-WebSocket-Version: 13`.
-pub fn check_shape(route: &RouteConfig, method: &Method, headers: &HeaderMap, upgrade: bool) -> Result<(), Rejection> {
+pub fn check_shape(
+    route: &RouteConfig,
+    method: &Method,
+    headers: &HeaderMap,
+    upgrade: bool,
+) -> Result<(), Rejection> {
     match (route.websocket, upgrade) {
         (WebSocketMode::Required, false) => return Err(Rejection::UpgradeRequired),
         (WebSocketMode::Forbidden, true) => return Err(Rejection::WebSocketForbidden),
@@ -45,7 +50,9 @@ pub fn check_shape(route: &RouteConfig, method: &Method, headers: &HeaderMap, up
         (_, true) => {}
     }
     if method != Method::GET {
-        return Err(Rejection::BadHandshake { detail: "the method must be GET" });
+        return Err(Rejection::BadHandshake {
+            detail: "the method must be GET",
+        });
     }
     let mut keys = headers.get_all(SEC_WEBSOCKET_KEY).iter();
     let key_is_valid = match (keys.next(), keys.next()) {
@@ -61,7 +68,9 @@ pub fn check_shape(route: &RouteConfig, method: &Method, headers: &HeaderMap, up
     }
     let mut versions = headers.get_all(SEC_WEBSOCKET_VERSION).iter();
     match (versions.next(), versions.next()) {
-        (None, _) => Err(Rejection::BadHandshake { detail: "Sec-WebSocket-Version is missing" }),
+        (None, _) => Err(Rejection::BadHandshake {
+            detail: "Sec-WebSocket-Version is missing",
+        }),
         (Some(version), None) if version.as_bytes() == b"13" => Ok(()),
         (Some(version), _) => Err(Rejection::BadVersion {
             version: String::from_utf8_lossy(version.as_bytes()).into_owned(),
@@ -71,7 +80,10 @@ pub fn check_shape(route: &RouteConfig, method: &Method, headers: &HeaderMap, up
 
 /// The origin decision. In report mode a would-be rejection is handed back as
 /// `Ok(Some(..))` so the proxy can log and count it and carry on.
-pub fn check_origin(route: &RouteConfig, headers: &HeaderMap) -> Result<Option<Rejection>, Rejection> {
+pub fn check_origin(
+    route: &RouteConfig,
+    headers: &HeaderMap,
+) -> Result<Option<Rejection>, Rejection> {
     let verdict = origin_verdict(route, headers);
     match (verdict, route.origin_mode) {
         (Ok(()), _) => Ok(None),
@@ -101,9 +113,15 @@ fn origin_verdict(route: &RouteConfig, headers: &HeaderMap) -> Result<(), Reject
         return Ok(());
     }
     let detail = if route.origins.is_empty() {
-        format!("origin {text:?} is not allowed: route {:?} lists no origins", route.name)
+        format!(
+            "origin {text:?} is not allowed: route {:?} lists no origins",
+            route.name
+        )
     } else {
-        format!("origin {text:?} is not in the allowlist of route {:?}", route.name)
+        format!(
+            "origin {text:?} is not in the allowlist of route {:?}",
+            route.name
+        )
     };
     Err(Rejection::OriginForbidden { detail })
 }
@@ -112,8 +130,13 @@ fn origin_verdict(route: &RouteConfig, headers: &HeaderMap) -> Result<(), Reject
 /// offer forwarded is narrowed to the allowed ones, in the client's order, so
 /// the backend can only pick an allowed one. Returns the header value to
 /// forward, or `None` to leave the request as it is.
-pub fn check_subprotocols(route: &RouteConfig, headers: &HeaderMap) -> Result<Option<HeaderValue>, Rejection> {
-    let Some(allowed) = &route.subprotocols else { return Ok(None) };
+pub fn check_subprotocols(
+    route: &RouteConfig,
+    headers: &HeaderMap,
+) -> Result<Option<HeaderValue>, Rejection> {
+    let Some(allowed) = &route.subprotocols else {
+        return Ok(None);
+    };
     let offered: Vec<&str> = list_tokens(headers, &SEC_WEBSOCKET_PROTOCOL).collect();
     let kept: Vec<&str> = offered
         .iter()
@@ -121,17 +144,26 @@ pub fn check_subprotocols(route: &RouteConfig, headers: &HeaderMap) -> Result<Op
         .filter(|token| allowed.iter().any(|allowed| allowed == token))
         .collect();
     if kept.is_empty() {
-        let offered = if offered.is_empty() { "none".to_owned() } else { offered.join(", ") };
+        let offered = if offered.is_empty() {
+            "none".to_owned()
+        } else {
+            offered.join(", ")
+        };
         return Err(Rejection::SubprotocolForbidden { offered });
     }
     HeaderValue::from_str(&kept.join(", "))
         .map(Some)
-        .map_err(|_| Rejection::BadHandshake { detail: "Sec-WebSocket-Protocol is not a token list" })
+        .map_err(|_| Rejection::BadHandshake {
+            detail: "Sec-WebSocket-Protocol is not a token list",
+        })
 }
 
 /// RFC 6455 §4.1: the client fails the connection if the server selects a
 /// subprotocol it did not offer, so such a 101 is not passed on.
-pub fn check_selected_subprotocol(forwarded_offer: &HeaderMap, response: &HeaderMap) -> Result<(), Rejection> {
+pub fn check_selected_subprotocol(
+    forwarded_offer: &HeaderMap,
+    response: &HeaderMap,
+) -> Result<(), Rejection> {
     let mut selected = response.get_all(SEC_WEBSOCKET_PROTOCOL).iter();
     let choice = match (selected.next(), selected.next()) {
         (None, _) => return Ok(()),
@@ -147,7 +179,9 @@ pub fn check_selected_subprotocol(forwarded_offer: &HeaderMap, response: &Header
         Ok(())
     } else {
         Err(Rejection::UpstreamProtocol {
-            detail: format!("the backend selected subprotocol {choice:?}, which the client did not offer"),
+            detail: format!(
+                "the backend selected subprotocol {choice:?}, which the client did not offer"
+            ),
         })
     }
 }

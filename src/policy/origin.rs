@@ -21,7 +21,11 @@ pub struct Origin {
 pub enum OriginPattern {
     Exact(Origin),
     /// `scheme://*.domain[:port]`: one or more labels in front of `domain`.
-    Subdomains { scheme: String, domain: String, port: u16 },
+    Subdomains {
+        scheme: String,
+        domain: String,
+        port: u16,
+    },
     /// A bare `"*"`, only accepted with `allow_any_origin = true`.
     Any,
 }

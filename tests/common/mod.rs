@@ -11,10 +11,10 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 
 /// Upper bound for any single wait in a test.
 pub const DEADLINE: Duration = Duration::from_secs(10);
@@ -42,7 +42,12 @@ pub fn test_cert(names: &[&str]) -> TestCert {
     let key_path = dir.path().join("test.key");
     std::fs::write(&cert_path, &cert_pem).unwrap();
     std::fs::write(&key_path, key_pem).unwrap();
-    TestCert { dir, cert_path, key_path, cert_pem }
+    TestCert {
+        dir,
+        cert_path,
+        key_path,
+        cert_pem,
+    }
 }
 
 /// A running proxy; dropping it (or calling `stop`) shuts it down.
@@ -108,7 +113,13 @@ pub async fn start_proxy_in(toml: &str, base: &Path) -> TestProxy {
     let task = tokio::spawn(proxy.serve(async move {
         let _ = stopped.await;
     }));
-    TestProxy { addrs, admin, reloader, shutdown: Some(shutdown), task: Some(task) }
+    TestProxy {
+        addrs,
+        admin,
+        reloader,
+        shutdown: Some(shutdown),
+        task: Some(task),
+    }
 }
 
 /// The request head a backend received, header names lower-cased, in order.
@@ -122,13 +133,21 @@ pub struct SeenRequest {
 impl SeenRequest {
     /// All values of `name`, in order.
     pub fn all(&self, name: &str) -> Vec<String> {
-        self.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()).collect()
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 
     /// The single value of `name`; panics when it appears more than once.
     pub fn one(&self, name: &str) -> Option<String> {
         let all = self.all(name);
-        assert!(all.len() <= 1, "{name} appears {} times: {all:?}", all.len());
+        assert!(
+            all.len() <= 1,
+            "{name} appears {} times: {all:?}",
+            all.len()
+        );
         all.into_iter().next()
     }
 }
@@ -141,7 +160,9 @@ pub struct WsBackend {
 
 impl WsBackend {
     pub async fn next_request(&mut self) -> SeenRequest {
-        within("the backend to see a request", self.seen.recv()).await.expect("backend stopped")
+        within("the backend to see a request", self.seen.recv())
+            .await
+            .expect("backend stopped")
     }
 }
 
@@ -164,7 +185,12 @@ pub async fn spawn_ws_backend(choose: fn(&[String]) -> Option<String>) -> WsBack
                     let headers = request
                         .headers()
                         .iter()
-                        .map(|(n, v)| (n.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                        .map(|(n, v)| {
+                            (
+                                n.as_str().to_owned(),
+                                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                            )
+                        })
                         .collect();
                     let offered: Vec<String> = request
                         .headers()
@@ -175,7 +201,9 @@ pub async fn spawn_ws_backend(choose: fn(&[String]) -> Option<String>) -> WsBack
                         .map(|t| t.trim().to_owned())
                         .collect();
                     if let Some(choice) = choose(&offered) {
-                        response.headers_mut().insert("sec-websocket-protocol", choice.parse().unwrap());
+                        response
+                            .headers_mut()
+                            .insert("sec-websocket-protocol", choice.parse().unwrap());
                     }
                     let _ = tx.send(SeenRequest {
                         method: request.method().to_string(),
@@ -184,7 +212,9 @@ pub async fn spawn_ws_backend(choose: fn(&[String]) -> Option<String>) -> WsBack
                     });
                     Ok(response)
                 };
-                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else { return };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+                    return;
+                };
                 while let Some(Ok(message)) = ws.next().await {
                     let echo = matches!(message, Message::Text(_) | Message::Binary(_));
                     if echo && ws.send(message.clone()).await.is_err() {
@@ -204,7 +234,9 @@ pub async fn spawn_ws_backend(choose: fn(&[String]) -> Option<String>) -> WsBack
 
 /// A backend that answers each connection's first request with `response`
 /// verbatim and reports the raw request head it read.
-pub async fn spawn_raw_backend(response: &'static [u8]) -> (SocketAddr, mpsc::UnboundedReceiver<String>) {
+pub async fn spawn_raw_backend(
+    response: &'static [u8],
+) -> (SocketAddr, mpsc::UnboundedReceiver<String>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
@@ -217,7 +249,8 @@ pub async fn spawn_raw_backend(response: &'static [u8]) -> (SocketAddr, mpsc::Un
                 let _ = stream.write_all(response).await;
                 let _ = stream.shutdown().await;
                 let mut sink = Vec::new();
-                let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut sink)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut sink))
+                    .await;
             });
         }
     });
@@ -240,7 +273,10 @@ pub async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> String {
 
 /// Sends raw bytes and reads the whole reply until the server closes or goes
 /// quiet for the deadline.
-pub async fn raw_exchange<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, request: &[u8]) -> String {
+pub async fn raw_exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    request: &[u8],
+) -> String {
     stream.write_all(request).await.unwrap();
     let mut reply = Vec::new();
     let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut reply)).await;
@@ -248,7 +284,9 @@ pub async fn raw_exchange<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, req
 }
 
 pub async fn connect(addr: SocketAddr) -> TcpStream {
-    within("TCP connect", TcpStream::connect(addr)).await.unwrap()
+    within("TCP connect", TcpStream::connect(addr))
+        .await
+        .unwrap()
 }
 
 /// A parsed HTTP response head.
@@ -262,7 +300,11 @@ impl Head {
     pub fn parse(text: &str) -> Head {
         let mut lines = text.split("\r\n");
         let status_line = lines.next().unwrap_or_default();
-        let status = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
         let headers = lines
             .take_while(|line| !line.is_empty())
             .filter_map(|line| line.split_once(':'))
@@ -272,13 +314,19 @@ impl Head {
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
 /// Reads a response to a raw request over `stream`: status and headers, with
 /// the body (which follows `\r\n\r\n`).
-pub async fn raw_request<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, request: &str) -> (Head, String) {
+pub async fn raw_request<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    request: &str,
+) -> (Head, String) {
     let reply = raw_exchange(stream, request.as_bytes()).await;
     let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
     (Head::parse(head), body.to_owned())
@@ -304,7 +352,13 @@ pub async fn ws_connect(
     addr: SocketAddr,
     path: &str,
     headers: &[(&str, &str)],
-) -> Result<(Ws<TcpStream>, tokio_tungstenite::tungstenite::handshake::client::Response), tokio_tungstenite::tungstenite::Error> {
+) -> Result<
+    (
+        Ws<TcpStream>,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    tokio_tungstenite::tungstenite::Error,
+> {
     let stream = connect(addr).await;
     let mut request = format!("ws://{addr}{path}").into_client_request().unwrap();
     for (name, value) in headers {
@@ -313,7 +367,11 @@ pub async fn ws_connect(
             value.parse().unwrap(),
         );
     }
-    within("websocket handshake", tokio_tungstenite::client_async(request, stream)).await
+    within(
+        "websocket handshake",
+        tokio_tungstenite::client_async(request, stream),
+    )
+    .await
 }
 
 /// A rustls client trusting exactly `cert_pem`.
@@ -323,11 +381,13 @@ pub fn tls_connector(cert_pem: &str) -> tokio_rustls::TlsConnector {
     for cert in rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
     }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
@@ -339,7 +399,9 @@ pub async fn tls_connect(
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
     let tcp = connect(addr).await;
     let name = rustls_pki_types::ServerName::try_from(server_name.to_owned()).unwrap();
-    within("TLS handshake", tls_connector(cert_pem).connect(name, tcp)).await.unwrap()
+    within("TLS handshake", tls_connector(cert_pem).connect(name, tcp))
+        .await
+        .unwrap()
 }
 
 /// Polls `condition` every 10 ms until it holds or the deadline passes.
@@ -356,7 +418,11 @@ pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
 /// Fetches `path` from the admin listener and returns the body.
 pub async fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
     let mut stream = connect(admin).await;
-    let (head, body) = raw_request(&mut stream, &format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")).await;
+    let (head, body) = raw_request(
+        &mut stream,
+        &format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
     (head.status, body)
 }
 
@@ -365,7 +431,11 @@ pub async fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines()
         .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
-        .find(|line| labels.iter().all(|(k, v)| line.contains(&format!("{k}=\"{v}\""))))
+        .find(|line| {
+            labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
         .and_then(|line| line.rsplit(' ').next())
         .and_then(|value| value.parse().ok())
 }
@@ -403,7 +473,10 @@ pub async fn admin_metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]
 
 /// Waits until a metric series has exactly `value`.
 pub async fn metric_becomes(admin: SocketAddr, name: &str, labels: &[(&str, &str)], value: f64) {
-    until(&format!("{name}{labels:?} == {value}"), || async { admin_metric(admin, name, labels).await == value }).await;
+    until(&format!("{name}{labels:?} == {value}"), || async {
+        admin_metric(admin, name, labels).await == value
+    })
+    .await;
 }
 
 /// A TCP port nothing listens on (bound, then released).
@@ -412,7 +485,7 @@ pub async fn dead_addr() -> SocketAddr {
     listener.local_addr().unwrap()
 }
 
-async fn read_line<S: AsyncRead + Unpin>(stream: &mut S) -> String {
+pub async fn read_line<S: AsyncRead + Unpin>(stream: &mut S) -> String {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     while !line.ends_with(b"\r\n") && line.len() < 64 * 1024 {
@@ -427,13 +500,22 @@ async fn read_line<S: AsyncRead + Unpin>(stream: &mut S) -> String {
 /// Reads one response off `stream`, its body framed by `Transfer-Encoding:
 /// chunked`, `Content-Length` or the end of the connection, so keep-alive
 /// connections can be reused. A 101 has no body: the stream is then a tunnel.
-pub async fn read_response<S: AsyncRead + Unpin>(stream: &mut S, request_method: &str) -> (Head, Vec<u8>) {
+pub async fn read_response<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    request_method: &str,
+) -> (Head, Vec<u8>) {
     within("a response", async {
         let text = read_head(stream).await;
-        assert!(text.ends_with("\r\n\r\n"), "incomplete response head: {text:?}");
+        assert!(
+            text.ends_with("\r\n\r\n"),
+            "incomplete response head: {text:?}"
+        );
         let head = Head::parse(&text);
         let mut body = Vec::new();
-        let no_body = request_method == "HEAD" || head.status < 200 || head.status == 204 || head.status == 304;
+        let no_body = request_method == "HEAD"
+            || head.status < 200
+            || head.status == 204
+            || head.status == 304;
         if no_body {
             return (head, body);
         }
@@ -445,7 +527,8 @@ pub async fn read_response<S: AsyncRead + Unpin>(stream: &mut S, request_method:
             loop {
                 let size_line = read_line(stream).await;
                 let size_text = size_line.split(';').next().unwrap_or("").trim();
-                let size = usize::from_str_radix(size_text, 16).unwrap_or_else(|_| panic!("bad chunk size line {size_line:?}"));
+                let size = usize::from_str_radix(size_text, 16)
+                    .unwrap_or_else(|_| panic!("bad chunk size line {size_line:?}"));
                 if size == 0 {
                     // Trailers until the empty line.
                     for _ in 0..100 {
@@ -485,11 +568,24 @@ pub async fn exchange(addr: SocketAddr, request: &str) -> (Head, String, TcpStre
 /// Asserts a rejection exactly as the contract describes it.
 #[track_caller]
 pub fn assert_rejected(head: &Head, body: &str, status: u16, reason: &str) {
-    assert_eq!(head.status, status, "status; headers {:?}, body {body:?}", head.headers);
-    assert_eq!(head.get("wsgate-reason"), Some(reason), "wsgate-reason; headers {:?}", head.headers);
-    assert!(body.contains(reason), "body does not name {reason}: {body:?}");
+    assert_eq!(
+        head.status, status,
+        "status; headers {:?}, body {body:?}",
+        head.headers
+    );
+    assert_eq!(
+        head.get("wsgate-reason"),
+        Some(reason),
+        "wsgate-reason; headers {:?}",
+        head.headers
+    );
     assert!(
-        head.get("content-type").is_some_and(|v| v.starts_with("text/plain")),
+        body.contains(reason),
+        "body does not name {reason}: {body:?}"
+    );
+    assert!(
+        head.get("content-type")
+            .is_some_and(|v| v.starts_with("text/plain")),
         "content-type {:?}",
         head.get("content-type")
     );
@@ -641,7 +737,11 @@ pub async fn read_frame<S: AsyncRead + Unpin>(stream: &mut S) -> Frame {
                 *byte ^= mask[i % 4];
             }
         }
-        Frame { first: two[0], masked, payload }
+        Frame {
+            first: two[0],
+            masked,
+            payload,
+        }
     })
     .await
 }
@@ -677,7 +777,9 @@ pub struct HttpOrigin {
 
 impl HttpOrigin {
     pub async fn next_request(&mut self) -> SeenRequest {
-        within("the origin to see a request", self.seen.recv()).await.expect("origin stopped")
+        within("the origin to see a request", self.seen.recv())
+            .await
+            .expect("origin stopped")
     }
 }
 
@@ -698,55 +800,69 @@ pub async fn spawn_http_origin() -> HttpOrigin {
         while let Ok((stream, _)) = listener.accept().await {
             let tx = tx.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
-                    let tx = tx.clone();
-                    async move {
-                        let headers: Vec<(String, String)> = request
-                            .headers()
-                            .iter()
-                            .map(|(n, v)| (n.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
-                            .collect();
-                        let seen = SeenRequest {
-                            method: request.method().to_string(),
-                            uri: request.uri().to_string(),
-                            headers: headers.clone(),
-                        };
-                        let _ = tx.send(seen.clone());
-                        let has_body = request.headers().contains_key(http::header::CONTENT_LENGTH)
-                            || request.headers().contains_key(http::header::TRANSFER_ENCODING);
-                        let big = request
-                            .uri()
-                            .query()
-                            .and_then(|q| q.strip_prefix("bytes="))
-                            .and_then(|n| n.parse::<usize>().ok())
-                            .filter(|_| request.uri().path() == "/big");
-                        let mut response = if let Some(total) = big {
-                            const CHUNK: usize = 64 * 1024;
-                            let chunks = (0..total.div_ceil(CHUNK)).map(move |index| {
-                                let start = index * CHUNK;
-                                let end = (start + CHUNK).min(total);
-                                let data: Vec<u8> = (start..end).map(big_body_byte).collect();
-                                Ok::<_, hyper::Error>(BodyFrame::data(bytes::Bytes::from(data)))
-                            });
-                            http::Response::new(StreamBody::new(futures_util::stream::iter(chunks)).boxed())
-                        } else if has_body {
-                            // Streamed straight back, frame by frame.
-                            http::Response::new(request.into_body().boxed())
-                        } else {
-                            let json = serde_json::json!({
-                                "method": seen.method,
-                                "uri": seen.uri,
-                                "headers": headers,
-                            });
-                            let body: OriginBody = Full::new(bytes::Bytes::from(json.to_string()))
-                                .map_err(|never| match never {})
-                                .boxed();
-                            http::Response::new(body)
-                        };
-                        response.headers_mut().insert("x-origin", http::HeaderValue::from_static("plain"));
-                        Ok::<_, std::convert::Infallible>(response)
-                    }
-                });
+                let service =
+                    hyper::service::service_fn(move |request: http::Request<Incoming>| {
+                        let tx = tx.clone();
+                        async move {
+                            let headers: Vec<(String, String)> = request
+                                .headers()
+                                .iter()
+                                .map(|(n, v)| {
+                                    (
+                                        n.as_str().to_owned(),
+                                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                                    )
+                                })
+                                .collect();
+                            let seen = SeenRequest {
+                                method: request.method().to_string(),
+                                uri: request.uri().to_string(),
+                                headers: headers.clone(),
+                            };
+                            let _ = tx.send(seen.clone());
+                            let has_body =
+                                request.headers().contains_key(http::header::CONTENT_LENGTH)
+                                    || request
+                                        .headers()
+                                        .contains_key(http::header::TRANSFER_ENCODING);
+                            let big = request
+                                .uri()
+                                .query()
+                                .and_then(|q| q.strip_prefix("bytes="))
+                                .and_then(|n| n.parse::<usize>().ok())
+                                .filter(|_| request.uri().path() == "/big");
+                            let mut response = if let Some(total) = big {
+                                const CHUNK: usize = 64 * 1024;
+                                let chunks = (0..total.div_ceil(CHUNK)).map(move |index| {
+                                    let start = index * CHUNK;
+                                    let end = (start + CHUNK).min(total);
+                                    let data: Vec<u8> = (start..end).map(big_body_byte).collect();
+                                    Ok::<_, hyper::Error>(BodyFrame::data(bytes::Bytes::from(data)))
+                                });
+                                http::Response::new(BodyExt::boxed(StreamBody::new(
+                                    futures_util::stream::iter(chunks),
+                                )))
+                            } else if has_body {
+                                // Streamed straight back, frame by frame.
+                                http::Response::new(BodyExt::boxed(request.into_body()))
+                            } else {
+                                let json = serde_json::json!({
+                                    "method": seen.method,
+                                    "uri": seen.uri,
+                                    "headers": headers,
+                                });
+                                let body: OriginBody =
+                                    Full::new(bytes::Bytes::from(json.to_string()))
+                                        .map_err(|never| match never {})
+                                        .boxed();
+                                http::Response::new(body)
+                            };
+                            response
+                                .headers_mut()
+                                .insert("x-origin", http::HeaderValue::from_static("plain"));
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                     .await;
@@ -783,7 +899,12 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyCert {
         cert: &rustls_pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -792,7 +913,12 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyCert {
         cert: &rustls_pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
@@ -808,7 +934,9 @@ pub fn tls_client_config(
 ) -> rustls::ClientConfig {
     use rustls_pki_types::pem::PemObject;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone()).with_protocol_versions(versions).unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+        .unwrap();
     let mut config = match cert_pem {
         Some(pem) => {
             let mut roots = rustls::RootCertStore::empty();
@@ -835,11 +963,19 @@ pub async fn tls_connect_with(
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let tcp = connect(addr).await;
     let name = rustls_pki_types::ServerName::try_from(server_name.to_owned()).unwrap();
-    within("TLS handshake", tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp)).await
+    within(
+        "TLS handshake",
+        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp),
+    )
+    .await
 }
 
 /// The DER of the first certificate in a PEM string.
 pub fn cert_der(pem: &str) -> Vec<u8> {
     use rustls_pki_types::pem::PemObject;
-    rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).next().unwrap().unwrap().to_vec()
+    rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec()
 }

@@ -4,4 +4,11 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod forwarding;
+mod handshake;
+mod limits;
+mod origin_attacks;
+mod origin_property;
+mod plain_http;
 mod smoke;
+mod tunnel;

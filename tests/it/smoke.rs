@@ -20,11 +20,20 @@ async fn upgrade_and_echo_through_plaintext_listener() {
         backend.addr
     ))
     .await;
-    let (mut ws, response) = ws_connect(proxy.addr(), "/ws/room?x=1", &[("Origin", "https://app.example.com")]).await.unwrap();
+    let (mut ws, response) = ws_connect(
+        proxy.addr(),
+        "/ws/room?x=1",
+        &[("Origin", "https://app.example.com")],
+    )
+    .await
+    .unwrap();
     assert_eq!(response.status(), 101);
     let seen = backend.next_request().await;
     assert_eq!(seen.uri, "/ws/room?x=1");
-    assert_eq!(seen.one("origin").as_deref(), Some("https://app.example.com"));
+    assert_eq!(
+        seen.one("origin").as_deref(),
+        Some("https://app.example.com")
+    );
     ws.send(Message::text("hello")).await.unwrap();
     let echoed = within("echo", ws.next()).await.unwrap().unwrap();
     assert_eq!(echoed, Message::text("hello"));

@@ -23,7 +23,13 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// The client's headers the auth service sees, every value of each.
-const PASSED_ON: [HeaderName; 5] = [ORIGIN, COOKIE, AUTHORIZATION, X_FORWARDED_HOST, X_FORWARDED_PROTO];
+const PASSED_ON: [HeaderName; 5] = [
+    ORIGIN,
+    COOKIE,
+    AUTHORIZATION,
+    X_FORWARDED_HOST,
+    X_FORWARDED_PROTO,
+];
 
 /// A relayed 401/403 body is cut here: it goes to the client, and an auth
 /// service should not be able to make us buffer without bound.
@@ -58,7 +64,12 @@ impl ForwardAuth {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
-        ForwardAuth { url, timeout, copy_headers, client }
+        ForwardAuth {
+            url,
+            timeout,
+            copy_headers,
+            client,
+        }
     }
 
     pub fn copy_headers(&self) -> &[HeaderName] {
@@ -70,23 +81,44 @@ impl ForwardAuth {
         match tokio::time::timeout(self.timeout, self.ask(parts)).await {
             Ok(outcome) => outcome,
             Err(_) => Err(Rejection::AuthUnavailable {
-                detail: format!("the auth service at {} did not answer within {:?}", self.url, self.timeout),
+                detail: format!(
+                    "the auth service at {} did not answer within {:?}",
+                    self.url, self.timeout
+                ),
             }),
         }
     }
 
     async fn ask(&self, parts: &Parts) -> Result<Vec<(HeaderName, HeaderValue)>, Rejection> {
-        let response = self.client.request(self.subrequest(parts)).await.map_err(|error| {
-            let what = if error.is_connect() { "is unreachable" } else { "failed" };
-            Rejection::AuthUnavailable {
-                detail: format!("the auth service at {} {what}: {}", self.url, error_chain(&error)),
-            }
-        })?;
+        let response = self
+            .client
+            .request(self.subrequest(parts))
+            .await
+            .map_err(|error| {
+                let what = if error.is_connect() {
+                    "is unreachable"
+                } else {
+                    "failed"
+                };
+                Rejection::AuthUnavailable {
+                    detail: format!(
+                        "the auth service at {} {what}: {}",
+                        self.url,
+                        error_chain(&error)
+                    ),
+                }
+            })?;
         let status = response.status();
         let copied: Vec<(HeaderName, HeaderValue)> = self
             .copy_headers
             .iter()
-            .flat_map(|name| response.headers().get_all(name).iter().map(|value| (name.clone(), value.clone())))
+            .flat_map(|name| {
+                response
+                    .headers()
+                    .get_all(name)
+                    .iter()
+                    .map(|value| (name.clone(), value.clone()))
+            })
             .collect();
         // Reading the body (bounded) lets the connection go back to the pool.
         let body = read_bounded(response.into_body()).await;
@@ -94,10 +126,16 @@ impl ForwardAuth {
             return Ok(copied);
         }
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            return Err(Rejection::AuthDenied { status, body: body.unwrap_or_default() });
+            return Err(Rejection::AuthDenied {
+                status,
+                body: body.unwrap_or_default(),
+            });
         }
         Err(Rejection::AuthUnavailable {
-            detail: format!("the auth service at {} answered {status}; only 2xx, 401 and 403 are understood", self.url),
+            detail: format!(
+                "the auth service at {} answered {status}; only 2xx, 401 and 403 are understood",
+                self.url
+            ),
         })
     }
 
@@ -108,7 +146,10 @@ impl ForwardAuth {
         if let Ok(method) = HeaderValue::from_str(parts.method.as_str()) {
             headers.insert(X_FORWARDED_METHOD, method);
         }
-        let target = parts.uri.path_and_query().map_or("/", |target| target.as_str());
+        let target = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |target| target.as_str());
         if let Ok(target) = HeaderValue::from_str(target) {
             headers.insert(X_FORWARDED_URI, target);
         }
@@ -125,7 +166,9 @@ impl ForwardAuth {
 async fn read_bounded(mut body: hyper::body::Incoming) -> Option<Bytes> {
     let mut collected = Vec::new();
     while let Some(frame) = body.frame().await {
-        let Ok(data) = frame.ok()?.into_data() else { continue };
+        let Ok(data) = frame.ok()?.into_data() else {
+            continue;
+        };
         let room = MAX_BODY - collected.len();
         collected.extend_from_slice(&data[..data.len().min(room)]);
         if collected.len() == MAX_BODY {

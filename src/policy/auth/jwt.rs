@@ -48,7 +48,9 @@ impl Keys {
     pub fn secret(secret: &[u8]) -> Keys {
         if secret.len() < 32 {
             // RFC 7518 §3.2 wants at least the hash size; refusing would break existing setups.
-            tracing::warn!("the JWT secret is shorter than 32 bytes; HS256 wants at least 32 random bytes");
+            tracing::warn!(
+                "the JWT secret is shorter than 32 bytes; HS256 wants at least 32 random bytes"
+            );
         }
         Keys::Single(PinnedKey {
             key: DecodingKey::from_secret(secret),
@@ -58,7 +60,8 @@ impl Keys {
 
     /// A PEM public key: RSA (PKCS#1 or SPKI), EC P-256/P-384 or Ed25519 (SPKI).
     pub fn public_key_pem(path: &Path) -> Result<Keys, String> {
-        let pem = std::fs::read(path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+        let pem = std::fs::read(path)
+            .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
         if String::from_utf8_lossy(&pem).contains("PRIVATE KEY") {
             return Err(format!(
                 "{} holds a private key; give the public key (`openssl pkey -in key.pem -pubout`)",
@@ -68,11 +71,18 @@ impl Keys {
         let key = DecodingKey::from_rsa_pem(&pem)
             .map(|key| PinnedKey::for_family(key, AlgorithmFamily::Rsa))
             .or_else(|_| DecodingKey::from_ec_pem(&pem).map(PinnedKey::for_ec_point))
-            .or_else(|_| DecodingKey::from_ed_pem(&pem).map(|key| PinnedKey::for_family(key, AlgorithmFamily::Ed)))
+            .or_else(|_| {
+                DecodingKey::from_ed_pem(&pem)
+                    .map(|key| PinnedKey::for_family(key, AlgorithmFamily::Ed))
+            })
             .map_err(|_| {
-                format!("{} is not a PEM public key (RSA, EC P-256/P-384 or Ed25519)", path.display())
+                format!(
+                    "{} is not a PEM public key (RSA, EC P-256/P-384 or Ed25519)",
+                    path.display()
+                )
             })?;
-        key.probe().map_err(|why| format!("{}: {why}", path.display()))?;
+        key.probe()
+            .map_err(|why| format!("{}: {why}", path.display()))?;
         Ok(Keys::Single(key))
     }
 
@@ -82,8 +92,12 @@ impl Keys {
     pub fn jwks_file(path: &Path) -> Result<Keys, Vec<String>> {
         let text = std::fs::read_to_string(path)
             .map_err(|error| vec![format!("cannot read {}: {error}", path.display())])?;
-        let set: JwkSet = serde_json::from_str(&text)
-            .map_err(|error| vec![format!("{} is not a JSON Web Key Set: {error}", path.display())])?;
+        let set: JwkSet = serde_json::from_str(&text).map_err(|error| {
+            vec![format!(
+                "{} is not a JSON Web Key Set: {error}",
+                path.display()
+            )]
+        })?;
         let mut keys: Vec<(Option<String>, PinnedKey)> = Vec::new();
         let mut problems = Vec::new();
         for (index, jwk) in set.keys.iter().enumerate() {
@@ -94,7 +108,10 @@ impl Keys {
             if jwk.common.public_key_use == Some(PublicKeyUse::Encryption) {
                 continue;
             }
-            if keys.iter().any(|(kid, _)| kid.is_some() && *kid == jwk.common.key_id) {
+            if keys
+                .iter()
+                .any(|(kid, _)| kid.is_some() && *kid == jwk.common.key_id)
+            {
                 problems.push(format!("{name} appears twice"));
                 continue;
             }
@@ -106,7 +123,11 @@ impl Keys {
         if keys.is_empty() && problems.is_empty() {
             problems.push(format!("{} holds no signature key", path.display()));
         }
-        if problems.is_empty() { Ok(Keys::Set(keys)) } else { Err(problems) }
+        if problems.is_empty() {
+            Ok(Keys::Set(keys))
+        } else {
+            Err(problems)
+        }
     }
 
     fn choose(&self, kid: Option<&str>) -> Result<&PinnedKey, String> {
@@ -122,7 +143,9 @@ impl Keys {
                 .ok_or_else(|| format!("unknown key id {:?}", short(kid))),
             None => match set.as_slice() {
                 [(_, only)] => Ok(only),
-                _ => Err("token has no key id (\"kid\") and the key set has several keys".to_owned()),
+                _ => {
+                    Err("token has no key id (\"kid\") and the key set has several keys".to_owned())
+                }
             },
         }
     }
@@ -130,7 +153,10 @@ impl Keys {
 
 impl PinnedKey {
     fn for_family(key: DecodingKey, family: AlgorithmFamily) -> PinnedKey {
-        PinnedKey { key, algorithms: family.algorithms().to_vec() }
+        PinnedKey {
+            key,
+            algorithms: family.algorithms().to_vec(),
+        }
     }
 
     /// The curve decides between ES256 and ES384: the SEC1 point is 65 or 33
@@ -151,10 +177,18 @@ impl PinnedKey {
             AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
                 EllipticCurve::P256 => vec![Algorithm::ES256],
                 EllipticCurve::P384 => vec![Algorithm::ES384],
-                _ => return Err("only the P-256 and P-384 curves are supported for EC keys".to_owned()),
+                _ => {
+                    return Err(
+                        "only the P-256 and P-384 curves are supported for EC keys".to_owned()
+                    );
+                }
             },
-            AlgorithmParameters::OctetKeyPair(okp) if okp.curve == EllipticCurve::Ed25519 => vec![Algorithm::EdDSA],
-            AlgorithmParameters::OctetKeyPair(_) => return Err("only Ed25519 is supported for OKP keys".to_owned()),
+            AlgorithmParameters::OctetKeyPair(okp) if okp.curve == EllipticCurve::Ed25519 => {
+                vec![Algorithm::EdDSA]
+            }
+            AlgorithmParameters::OctetKeyPair(_) => {
+                return Err("only Ed25519 is supported for OKP keys".to_owned());
+            }
             AlgorithmParameters::OctetKey(_) => AlgorithmFamily::Hmac.algorithms().to_vec(),
             _ => return Err("unsupported key type (kty)".to_owned()),
         };
@@ -175,28 +209,49 @@ impl PinnedKey {
     /// Builds a verifier once so a broken key is a config problem, not a
     /// run-time "signature invalid" for every token.
     fn probe(&self) -> Result<(), String> {
-        let alg = *self.algorithms.first().ok_or("unsupported key (EC keys must be P-256 or P-384)")?;
+        let alg = *self
+            .algorithms
+            .first()
+            .ok_or("unsupported key (EC keys must be P-256 or P-384)")?;
         jsonwebtoken::crypto::verify("AAAA", b"probe", &self.key, alg)
             .map(|_| ())
             .map_err(|error| format!("unusable {alg:?} key ({error})"))
     }
 
     fn accepted(&self) -> String {
-        let names: Vec<String> = self.algorithms.iter().map(|alg| format!("{alg:?}")).collect();
+        let names: Vec<String> = self
+            .algorithms
+            .iter()
+            .map(|alg| format!("{alg:?}"))
+            .collect();
         names.join(", ")
     }
 }
 
 /// Verifies `token` at unix time `now`; `Err` is the reason detail.
-pub(super) fn verify(keys: &Keys, rules: &Rules, token: &str, now: u64) -> Result<Map<String, Value>, String> {
+pub(super) fn verify(
+    keys: &Keys,
+    rules: &Rules,
+    token: &str,
+    now: u64,
+) -> Result<Map<String, Value>, String> {
     let header = header_fields(token)?;
-    let alg_name = header.get("alg").and_then(Value::as_str).ok_or("token header has no \"alg\"")?;
+    let alg_name = header
+        .get("alg")
+        .and_then(Value::as_str)
+        .ok_or("token header has no \"alg\"")?;
     let kid = header.get("kid").and_then(Value::as_str);
     let key = keys.choose(kid)?;
     let alg = Algorithm::from_str(alg_name)
         .ok()
         .filter(|alg| key.algorithms.contains(alg))
-        .ok_or_else(|| format!("token algorithm {:?} is not accepted (the key accepts {})", short(alg_name), key.accepted()))?;
+        .ok_or_else(|| {
+            format!(
+                "token algorithm {:?} is not accepted (the key accepts {})",
+                short(alg_name),
+                key.accepted()
+            )
+        })?;
 
     let mut validation = Validation::new(alg);
     validation.required_spec_claims.clear();
@@ -208,7 +263,9 @@ pub(super) fn verify(keys: &Keys, rules: &Rules, token: &str, now: u64) -> Resul
         Err(error) => {
             return Err(match error.kind() {
                 ErrorKind::InvalidSignature => "token signature is invalid".to_owned(),
-                ErrorKind::InvalidAlgorithm => format!("token algorithm {alg_name:?} is not accepted"),
+                ErrorKind::InvalidAlgorithm => {
+                    format!("token algorithm {alg_name:?} is not accepted")
+                }
                 _ => "token is malformed (its payload is not base64url-encoded JSON)".to_owned(),
             });
         }
@@ -226,9 +283,15 @@ pub(super) fn verify(keys: &Keys, rules: &Rules, token: &str, now: u64) -> Resul
 /// `alg` against it.
 fn header_fields(token: &str) -> Result<Map<String, Value>, String> {
     let mut segments = token.split('.');
-    let (Some(header), Some(_), Some(_), None) = (segments.next(), segments.next(), segments.next(), segments.next())
-    else {
-        return Err("token is malformed (a JWT has three base64url parts separated by dots)".to_owned());
+    let (Some(header), Some(_), Some(_), None) = (
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+    ) else {
+        return Err(
+            "token is malformed (a JWT has three base64url parts separated by dots)".to_owned(),
+        );
     };
     let bytes = URL_SAFE_NO_PAD
         .decode(header)
@@ -244,7 +307,12 @@ fn numeric_claim(claims: &Map<String, Value>, name: &str) -> Result<Option<u64>,
         None => Ok(None),
         Some(value) => value
             .as_u64()
-            .or_else(|| value.as_f64().filter(|secs| secs.is_finite() && *secs >= 0.0).map(|secs| secs as u64))
+            .or_else(|| {
+                value
+                    .as_f64()
+                    .filter(|secs| secs.is_finite() && *secs >= 0.0)
+                    .map(|secs| secs as u64)
+            })
             .map(Some)
             .ok_or_else(|| format!("token claim {name:?} is not a number of seconds")),
     }
@@ -270,20 +338,34 @@ fn check_times(claims: &Map<String, Value>, leeway: u64, now: u64) -> Result<(),
 }
 
 fn check_issuer(claims: &Map<String, Value>, expected: Option<&str>) -> Result<(), String> {
-    let Some(expected) = expected else { return Ok(()) };
+    let Some(expected) = expected else {
+        return Ok(());
+    };
     match claims.get("iss") {
         Some(Value::String(iss)) if iss == expected => Ok(()),
-        Some(Value::String(iss)) => Err(format!("token issuer {:?} is not {expected:?}", short(iss))),
-        Some(_) => Err(format!("token issuer is not a string; expected {expected:?}")),
-        None => Err(format!("token has no issuer (\"iss\"); expected {expected:?}")),
+        Some(Value::String(iss)) => {
+            Err(format!("token issuer {:?} is not {expected:?}", short(iss)))
+        }
+        Some(_) => Err(format!(
+            "token issuer is not a string; expected {expected:?}"
+        )),
+        None => Err(format!(
+            "token has no issuer (\"iss\"); expected {expected:?}"
+        )),
     }
 }
 
 /// RFC 7519 §4.1.3: `aud` is one string or an array of them.
 fn check_audience(claims: &Map<String, Value>, expected: Option<&str>) -> Result<(), String> {
-    let Some(expected) = expected else { return Ok(()) };
+    let Some(expected) = expected else {
+        return Ok(());
+    };
     let matches = match claims.get("aud") {
-        None => return Err(format!("token has no audience (\"aud\"); expected {expected:?}")),
+        None => {
+            return Err(format!(
+                "token has no audience (\"aud\"); expected {expected:?}"
+            ));
+        }
         Some(Value::String(aud)) => aud == expected,
         Some(Value::Array(list)) => list.iter().any(|aud| aud.as_str() == Some(expected)),
         Some(_) => false,
@@ -292,7 +374,10 @@ fn check_audience(claims: &Map<String, Value>, expected: Option<&str>) -> Result
         Ok(())
     } else {
         let aud = claims.get("aud").map(Value::to_string).unwrap_or_default();
-        Err(format!("token audience {} does not include {expected:?}", short(&aud)))
+        Err(format!(
+            "token audience {} does not include {expected:?}",
+            short(&aud)
+        ))
     }
 }
 

@@ -12,6 +12,7 @@
 //!
 //! Tokens, cookies and secrets are never logged nor echoed in a reason.
 
+mod config;
 mod forward;
 mod jwt;
 mod token;
@@ -71,8 +72,13 @@ impl AuthPolicy {
     /// Validates `[route.auth]`; `key` is the TOML key path prefix, e.g.
     /// `route[2].auth`. Records every problem and returns `None` if any.
     /// `base` is the config file's folder (relative paths resolve against it).
-    pub fn from_raw(raw: &RawAuth, base: &Path, key: &str, problems: &mut Problems) -> Option<AuthPolicy> {
-        match build(raw, base, key) {
+    pub fn from_raw(
+        raw: &RawAuth,
+        base: &Path,
+        key: &str,
+        problems: &mut Problems,
+    ) -> Option<AuthPolicy> {
+        match config::build(raw, base, key) {
             Ok(policy) => Some(policy),
             Err(found) => {
                 for (key, message) in found {
@@ -87,7 +93,10 @@ impl AuthPolicy {
     pub async fn check(&self, parts: &Parts) -> Result<AuthGrant, Rejection> {
         match &self.mode {
             Mode::Jwt(auth) => auth.check(parts, unix_now()),
-            Mode::Forward(auth) => Ok(AuthGrant { headers: auth.check(parts).await?, strip_query: None }),
+            Mode::Forward(auth) => Ok(AuthGrant {
+                headers: auth.check(parts).await?,
+                strip_query: None,
+            }),
         }
     }
 
@@ -109,8 +118,12 @@ impl AuthGrant {
         for (name, value) in self.headers {
             parts.headers.append(name, value);
         }
-        let Some(param) = self.strip_query else { return };
-        let Some(query) = parts.uri.query() else { return };
+        let Some(param) = self.strip_query else {
+            return;
+        };
+        let Some(query) = parts.uri.query() else {
+            return;
+        };
         let path = parts.uri.path().to_owned();
         let target = match token::strip_query_param(query, &param) {
             Some(query) => format!("{path}?{query}"),
@@ -139,31 +152,43 @@ fn rebuild_uri(uri: &Uri, path_and_query: &str) -> Option<Uri> {
 
 impl JwtAuth {
     fn check(&self, parts: &Parts, now: u64) -> Result<AuthGrant, Rejection> {
-        let (token, source) = self.locations.find(parts).ok_or_else(|| Rejection::TokenMissing {
-            looked_in: self.locations.describe(),
-        })?;
-        let claims =
-            jwt::verify(&self.keys, &self.rules, &token, now).map_err(|detail| Rejection::TokenInvalid { detail })?;
+        let (token, source) =
+            self.locations
+                .find(parts)
+                .ok_or_else(|| Rejection::TokenMissing {
+                    looked_in: self.locations.describe(),
+                })?;
+        let claims = jwt::verify(&self.keys, &self.rules, &token, now)
+            .map_err(|detail| Rejection::TokenInvalid { detail })?;
         if let Some(scope) = &self.required_scope {
             if !jwt::has_scope(&claims, scope) {
-                return Err(Rejection::ScopeMissing { scope: scope.clone() });
+                return Err(Rejection::ScopeMissing {
+                    scope: scope.clone(),
+                });
             }
         }
         let mut headers = Vec::with_capacity(self.forward_claims.len());
         for (claim, header) in &self.forward_claims {
-            let Some(value) = claims.get(claim) else { continue };
+            let Some(value) = claims.get(claim) else {
+                continue;
+            };
             // A value that cannot be a header (control characters) is refused
             // rather than dropped: the backend would read a missing header as
             // "no identity" while the edge said yes.
-            let value = HeaderValue::from_str(&jwt::claim_text(value)).map_err(|_| Rejection::TokenInvalid {
-                detail: format!("claim {claim:?} cannot be sent as header {header}"),
+            let value = HeaderValue::from_str(&jwt::claim_text(value)).map_err(|_| {
+                Rejection::TokenInvalid {
+                    detail: format!("claim {claim:?} cannot be sent as header {header}"),
+                }
             })?;
             headers.push((header.clone(), value));
         }
         let strip_query = (self.strip_token && source == Source::Query)
             .then(|| self.locations.query.clone())
             .flatten();
-        Ok(AuthGrant { headers, strip_query })
+        Ok(AuthGrant {
+            headers,
+            strip_query,
+        })
     }
 }
 
@@ -171,215 +196,6 @@ fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |since| since.as_secs())
-}
-
-/// Headers the proxy itself depends on; letting auth set or strip them would
-/// break the request.
-const RESERVED: [&str; 14] = [
-    "host",
-    "connection",
-    "upgrade",
-    "content-length",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "keep-alive",
-    "proxy-connection",
-    "origin",
-    "cookie",
-    "authorization",
-    "forwarded",
-    "wsgate-reason",
-];
-
-fn header_name(text: &str) -> Result<HeaderName, String> {
-    let name = HeaderName::from_bytes(text.as_bytes()).map_err(|_| format!("{text:?} is not a header name"))?;
-    if RESERVED.contains(&name.as_str()) || name.as_str().starts_with("sec-websocket-") {
-        return Err(format!("{text:?} is a header the proxy manages; choose another name such as \"X-User-Id\""));
-    }
-    Ok(name)
-}
-
-/// The validation behind [`AuthPolicy::from_raw`], as a list of (key, message)
-/// so it can be tested on its own.
-fn build(raw: &RawAuth, base: &Path, key: &str) -> Result<AuthPolicy, Vec<(String, String)>> {
-    let mut found: Vec<(String, String)> = Vec::new();
-    let mut problem = |field: &str, message: String| {
-        let path = if field.is_empty() { key.to_owned() } else { format!("{key}.{field}") };
-        found.push((path, message));
-    };
-
-    let key_sources = [
-        ("jwt_secret_env", raw.jwt_secret_env.is_some()),
-        ("jwt_secret_file", raw.jwt_secret_file.is_some()),
-        ("jwt_public_key", raw.jwt_public_key.is_some()),
-        ("jwks_file", raw.jwks_file.is_some()),
-    ];
-    let set: Vec<&str> = key_sources.iter().filter(|(_, present)| *present).map(|(name, _)| *name).collect();
-
-    let mode = if let Some(url) = &raw.forward {
-        for name in &set {
-            problem(name, "cannot be combined with `forward`: forward auth and a JWT key are two different modes".into());
-        }
-        let jwt_only = [
-            ("token_query", raw.token_query.is_some()),
-            ("token_cookie", raw.token_cookie.is_some()),
-            ("required_scope", raw.required_scope.is_some()),
-            ("issuer", raw.issuer.is_some()),
-            ("audience", raw.audience.is_some()),
-            ("leeway", raw.leeway.is_some()),
-            ("forward_claims", !raw.forward_claims.is_empty()),
-            ("strip_token", raw.strip_token),
-        ];
-        for (name, _) in jwt_only.iter().filter(|(_, present)| *present) {
-            problem(name, "only applies to JWT checks, not with `forward`".into());
-        }
-        let url = parse_forward_url(url).map_err(|message| problem("forward", message)).ok();
-        let timeout = parse_duration(raw.forward_timeout.as_deref(), DEFAULT_FORWARD_TIMEOUT, false)
-            .map_err(|message| problem("forward_timeout", message))
-            .ok();
-        let mut copy = Vec::new();
-        for (index, name) in raw.forward_response_headers.iter().enumerate() {
-            match header_name(name) {
-                Ok(name) => copy.push(name),
-                Err(message) => problem(&format!("forward_response_headers[{index}]"), message),
-            }
-        }
-        match (url, timeout) {
-            (Some(url), Some(timeout)) => Some(Mode::Forward(ForwardAuth::new(url, timeout, copy))),
-            _ => None,
-        }
-    } else {
-        for (name, present) in [
-            ("forward_timeout", raw.forward_timeout.is_some()),
-            ("forward_response_headers", !raw.forward_response_headers.is_empty()),
-        ] {
-            if present {
-                problem(name, "only applies with `forward`".into());
-            }
-        }
-        let keys = match set.as_slice() {
-            [] => {
-                problem(
-                    "",
-                    "set one key source (jwt_secret_env, jwt_secret_file, jwt_public_key or jwks_file) or `forward`"
-                        .into(),
-                );
-                None
-            }
-            [_] => load_keys(raw, base).map_err(|(field, message)| problem(field, message)).ok(),
-            [first, rest @ ..] => {
-                for name in rest {
-                    problem(name, format!("cannot be combined with {first}; set exactly one key source"));
-                }
-                None
-            }
-        };
-        let leeway = parse_duration(raw.leeway.as_deref(), DEFAULT_LEEWAY, true)
-            .map_err(|message| problem("leeway", message))
-            .ok();
-        let mut nonempty = |field: &str, value: &Option<String>| match value.as_deref().map(str::trim) {
-            Some("") => {
-                problem(field, "must not be empty".into());
-                None
-            }
-            other => other.map(str::to_owned),
-        };
-        let locations = Locations {
-            query: nonempty("token_query", &raw.token_query),
-            cookie: nonempty("token_cookie", &raw.token_cookie),
-        };
-        let required_scope = nonempty("required_scope", &raw.required_scope);
-        let issuer = nonempty("issuer", &raw.issuer);
-        let audience = nonempty("audience", &raw.audience);
-        if raw.strip_token && raw.token_query.is_none() {
-            problem("strip_token", "only applies with `token_query`".into());
-        }
-        let mut forward_claims = Vec::new();
-        for (claim, header) in &raw.forward_claims {
-            match header_name(header) {
-                Ok(name) => forward_claims.push((claim.clone(), name)),
-                Err(message) => problem(&format!("forward_claims.{claim}"), message),
-            }
-        }
-        match (keys, leeway) {
-            (Some(keys), Some(leeway)) => Some(Mode::Jwt(JwtAuth {
-                keys,
-                rules: Rules { issuer, audience, leeway: leeway.as_secs() },
-                locations,
-                required_scope,
-                forward_claims,
-                strip_token: raw.strip_token,
-            })),
-            _ => None,
-        }
-    };
-
-    match mode {
-        None if found.is_empty() => Err(vec![(key.to_owned(), "is not a valid auth section".to_owned())]),
-        Some(mode) if found.is_empty() => {
-            let spoofable = match &mode {
-                Mode::Jwt(auth) => auth.forward_claims.iter().map(|(_, name)| name.clone()).collect(),
-                Mode::Forward(auth) => auth.copy_headers().to_vec(),
-            };
-            Ok(AuthPolicy { mode, spoofable })
-        }
-        _ => Err(found),
-    }
-}
-
-/// Loads the one configured key source; the error names its field.
-fn load_keys(raw: &RawAuth, base: &Path) -> Result<Keys, (&'static str, String)> {
-    if let Some(var) = &raw.jwt_secret_env {
-        return match std::env::var_os(var) {
-            Some(secret) if !secret.is_empty() => Ok(Keys::secret(secret.as_encoded_bytes())),
-            _ => Err(("jwt_secret_env", format!("environment variable {var:?} is not set or empty"))),
-        };
-    }
-    if let Some(file) = &raw.jwt_secret_file {
-        let path = resolve(base, file);
-        let bytes = std::fs::read(&path)
-            .map_err(|error| ("jwt_secret_file", format!("cannot read {}: {error}", path.display())))?;
-        // Secret files from `echo`/editors end in a newline that is not part of the secret.
-        let end = bytes.iter().rposition(|&byte| byte != b'\n' && byte != b'\r').map_or(0, |last| last + 1);
-        if end == 0 {
-            return Err(("jwt_secret_file", format!("{} is empty", path.display())));
-        }
-        return Ok(Keys::secret(&bytes[..end]));
-    }
-    if let Some(file) = &raw.jwt_public_key {
-        return Keys::public_key_pem(&resolve(base, file)).map_err(|message| ("jwt_public_key", message));
-    }
-    if let Some(file) = &raw.jwks_file {
-        return Keys::jwks_file(&resolve(base, file)).map_err(|messages| ("jwks_file", messages.join("; ")));
-    }
-    Err(("", "no key source is set".to_owned()))
-}
-
-fn resolve(base: &Path, file: &str) -> std::path::PathBuf {
-    let path = Path::new(file);
-    if path.is_absolute() { path.to_path_buf() } else { base.join(path) }
-}
-
-fn parse_forward_url(text: &str) -> Result<Uri, String> {
-    let uri: Uri = text
-        .parse()
-        .map_err(|_| format!("{text:?} is not a URL such as \"http://127.0.0.1:9100/check\""))?;
-    match (uri.scheme_str(), uri.host()) {
-        (Some("http"), Some(_)) => Ok(uri),
-        (Some("https"), _) => Err(format!("{text:?}: https is not supported for forward auth; use http:// to a nearby auth service")),
-        _ => Err(format!("{text:?} is not an http:// URL such as \"http://127.0.0.1:9100/check\"")),
-    }
-}
-
-/// Same wording as the rest of the config's durations.
-fn parse_duration(text: Option<&str>, default: Duration, zero_ok: bool) -> Result<Duration, String> {
-    let Some(text) = text else { return Ok(default) };
-    match humantime::parse_duration(text) {
-        Ok(value) if zero_ok || !value.is_zero() => Ok(value),
-        Ok(_) => Err(format!("{text:?} must be longer than zero")),
-        Err(error) => Err(format!("{text:?} is not a duration such as \"500ms\", \"30s\" or \"24h\" ({error})")),
-    }
 }
 
 #[cfg(test)]

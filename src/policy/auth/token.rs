@@ -146,12 +146,24 @@ mod tests {
 
     #[test]
     fn query_beats_cookie_beats_header() {
-        let all = parts("/ws?a=1&token=q", &[("cookie", "x=1; session=c"), ("authorization", "Bearer h")]);
+        let all = parts(
+            "/ws?a=1&token=q",
+            &[("cookie", "x=1; session=c"), ("authorization", "Bearer h")],
+        );
         assert_eq!(everywhere().find(&all), Some(("q".into(), Source::Query)));
-        let no_query = parts("/ws?a=1", &[("cookie", "x=1; session=c"), ("authorization", "Bearer h")]);
-        assert_eq!(everywhere().find(&no_query), Some(("c".into(), Source::Cookie)));
+        let no_query = parts(
+            "/ws?a=1",
+            &[("cookie", "x=1; session=c"), ("authorization", "Bearer h")],
+        );
+        assert_eq!(
+            everywhere().find(&no_query),
+            Some(("c".into(), Source::Cookie))
+        );
         let header_only = parts("/ws", &[("authorization", "bearer  h ")]);
-        assert_eq!(everywhere().find(&header_only), Some(("h".into(), Source::Header)));
+        assert_eq!(
+            everywhere().find(&header_only),
+            Some(("h".into(), Source::Header))
+        );
     }
 
     #[test]
@@ -162,18 +174,33 @@ mod tests {
 
     #[test]
     fn empty_values_and_other_schemes_do_not_count() {
-        let request = parts("/ws?token=&token", &[("cookie", "session=\"\""), ("authorization", "Basic dTpw")]);
+        let request = parts(
+            "/ws?token=&token",
+            &[("cookie", "session=\"\""), ("authorization", "Basic dTpw")],
+        );
         assert_eq!(everywhere().find(&request), None);
         let later = parts("/ws?token=&token=two", &[]);
-        assert_eq!(everywhere().find(&later), Some(("two".into(), Source::Query)));
+        assert_eq!(
+            everywhere().find(&later),
+            Some(("two".into(), Source::Query))
+        );
     }
 
     #[test]
     fn values_are_percent_decoded_and_cookies_unquoted() {
         let request = parts("/ws?%74oken=a%2Eb", &[]);
-        assert_eq!(everywhere().find(&request), Some(("a.b".into(), Source::Query)));
-        let quoted = parts("/ws", &[("cookie", "other=1"), ("cookie", "session=\"x.y\"")]);
-        assert_eq!(everywhere().find(&quoted), Some(("x.y".into(), Source::Cookie)));
+        assert_eq!(
+            everywhere().find(&request),
+            Some(("a.b".into(), Source::Query))
+        );
+        let quoted = parts(
+            "/ws",
+            &[("cookie", "other=1"), ("cookie", "session=\"x.y\"")],
+        );
+        assert_eq!(
+            everywhere().find(&quoted),
+            Some(("x.y".into(), Source::Cookie))
+        );
         assert_eq!(percent_decode("100%zz%4"), "100%zz%4");
     }
 
@@ -188,8 +215,14 @@ mod tests {
 
     #[test]
     fn stripping_keeps_other_parameters_byte_for_byte() {
-        assert_eq!(strip_query_param("a=%2F+1&token=x&b&token=y&c=", "token").as_deref(), Some("a=%2F+1&b&c="));
+        assert_eq!(
+            strip_query_param("a=%2F+1&token=x&b&token=y&c=", "token").as_deref(),
+            Some("a=%2F+1&b&c=")
+        );
         assert_eq!(strip_query_param("token=x", "token"), None);
-        assert_eq!(strip_query_param("tokens=1", "token").as_deref(), Some("tokens=1"));
+        assert_eq!(
+            strip_query_param("tokens=1", "token").as_deref(),
+            Some("tokens=1")
+        );
     }
 }

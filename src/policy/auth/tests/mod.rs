@@ -15,8 +15,8 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256, PKCS_ED25519};
 use serde_json::{Value, json};
 
+use super::config::build;
 use super::*;
-
 
 const NOW: u64 = 1_750_000_000;
 
@@ -46,7 +46,15 @@ fn generate(alg: Algorithm) -> (Signer, String, Vec<u8>) {
         Algorithm::ES256 => EncodingKey::from_ec_pem(private.as_bytes()).unwrap(),
         _ => EncodingKey::from_ed_pem(private.as_bytes()).unwrap(),
     };
-    (Signer { key, alg, kid: None }, pair.public_key_pem(), pair.public_key_raw().to_vec())
+    (
+        Signer {
+            key,
+            alg,
+            kid: None,
+        },
+        pair.public_key_pem(),
+        pair.public_key_raw().to_vec(),
+    )
 }
 
 fn claims() -> Value {
@@ -96,4 +104,3 @@ fn es256_policy(dir: &Path, tweak: impl FnOnce(&mut RawAuth)) -> (AuthPolicy, Si
     tweak(&mut raw);
     (build_ok(&raw, dir), signer, public_pem)
 }
-

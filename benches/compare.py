@@ -1,0 +1,1102 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of wsgate against nginx and HAProxy (issue 4).
+
+    python3 benches/compare.py              # full run: 3 interleaved rounds, ~15 min
+    python3 benches/compare.py --quick      # smoke test: 1 round, short runs, ~3 min
+    python3 benches/compare.py --rounds 5 --duration 8 --hold 1000,9800
+
+What it does, in order:
+
+1. `cargo build --release` (skip with --no-build), and `apt-get install nginx
+   haproxy` when either is missing.
+2. One ECDSA P-256 certificate from `wsgate cert`, shared by every proxy.
+3. Starts the echo backend (`wsgate echo`) and nginx, HAProxy and wsgate with
+   equivalent configs: TLS 1.2+1.3 with that certificate, upgrade forwarding,
+   X-Forwarded-For/Proto/Host and X-Real-IP, 1 h tunnel timeouts, no access
+   logs, one worker process / one thread. The proxies run on CPU 1; the load
+   tool (`wsgate load`), the backend and this script on CPU 0.
+4. Runs every workload against nginx, HAProxy, wsgate and the backend directly,
+   interleaved (A B C D, then B C D A, ...; the order rotates so no target is
+   always first), for --rounds rounds.
+5. Prints a markdown table of medians and ratios (wsgate / better peer), writes
+   every run and the medians to benches/out/results.json and the table to
+   benches/out/results.md.
+
+Why the figures are what they are: on a 2-core machine the load tool and the
+backend saturate CPU 0 long before a good proxy saturates CPU 1, so raw rates
+mostly measure the load tool. The proxies are compared by their own CPU time
+(utime + stime of all their processes, from /proc) per unit of work, by echo
+latency at a fixed moderate rate, and by RSS per idle connection; raw rates
+are reported too, with each core's utilisation, so it is visible which side
+was the bottleneck.
+
+Only loopback addresses are used. Every process this script starts is tracked
+by PID and stopped on exit (never by name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benches" / "out"
+WSGATE = ROOT / "target" / "release" / "wsgate"
+
+# The load tool sends this Origin; wsgate's route allows exactly it.
+ORIGIN = "https://bench.example"
+LOOPBACK = "127.0.0.1"
+PROXY_CPU = "1"
+CLIENT_CPU = "0"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# This machine's hard open-file limit is 20,000. A proxied connection costs the
+# proxy two descriptors (client + upstream), so one proxy process can hold at
+# most ~9,980 tunnels; 9,800 leaves room for listeners, logs and the like.
+DEFAULT_HOLD = (1000, 9800)
+# Idle connections are opened at this pace for every target alike, so that no
+# proxy's accept queue overflows into SYN retransmits that would only measure
+# the kernel's 1 s retry timer.
+HOLD_OPEN_RATE = 1000
+
+
+# --------------------------------------------------------------------------
+# Process bookkeeping
+
+
+class Registry:
+    """Every process we start, so that all of them are stopped on exit."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def spawn(self, argv: list[str], **kwargs) -> subprocess.Popen:
+        # A new session makes the process a group leader: stopping its group
+        # also stops nginx's worker, without ever looking processes up by name.
+        proc = subprocess.Popen(argv, start_new_session=True, preexec_fn=raise_nofile, **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen, grace: float = 10.0) -> None:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(timeout=5)
+        else:
+            # The leader is gone; a straggler in its group (nginx worker) may not be.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in list(reversed(self.procs)):
+            try:
+                self.stop(proc, grace=5.0)
+            except Exception as error:  # cleanup must go on whatever one process does
+                print(f"warning: could not stop pid {proc.pid}: {error}", file=sys.stderr)
+
+
+REGISTRY = Registry()
+
+
+def raise_nofile() -> None:
+    """Runs in each child before exec: soft open-file limit up to the hard one."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def pinned(cpu: str, argv: list[str]) -> list[str]:
+    return ["taskset", "-c", cpu, *argv] if shutil.which("taskset") else argv
+
+
+# --------------------------------------------------------------------------
+# /proc accounting
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and all its descendants (this kernel has no /proc/PID/task/*/children)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        stat = read_stat(int(entry))
+        if stat is not None:
+            parents.setdefault(int(stat[1]), []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if Path(f"/proc/{pid}").exists():
+            tree.append(pid)
+            todo.extend(parents.get(pid, []))
+    return tree
+
+
+def read_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after `comm`, so index 0 is `state` (field 3)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # comm may hold spaces and parentheses; it ends at the last ')'.
+    return text[text.rindex(")") + 2 :].split()
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of whole processes: /proc/PID/stat already sums every
+    thread of the process, live or exited, so the tasks are not added again."""
+    ticks = 0
+    for pid in pids:
+        stat = read_stat(pid)
+        if stat is not None:
+            ticks += int(stat[11]) + int(stat[12])  # fields 14 and 15
+    return ticks / CLK_TCK
+
+
+def status_field(pid: int, name: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(name + ":"):
+                return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def rss_kib(pids: list[int]) -> int:
+    return sum(status_field(pid, "VmRSS") for pid in pids)
+
+
+def socket_fds(pids: list[int]) -> int:
+    count = 0
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                        count += 1
+                except OSError:
+                    pass  # closed while we looked
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return count
+
+
+def children_cpu_seconds() -> float:
+    """CPU of every reaped child so far: the delta around one load run is the
+    load tool's own CPU, since nothing else is reaped meanwhile."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+# --------------------------------------------------------------------------
+# Targets
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports; all held open until all are chosen."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((LOOPBACK, 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def wait_for_ports(proc: subprocess.Popen, ports: list[int], log: Path, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    pending = list(ports)
+    while pending:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode} before listening; see {log}:\n{tail(log)}")
+        try:
+            with socket.create_connection((LOOPBACK, pending[0]), timeout=1):
+                pending.pop(0)
+                continue
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"port {pending[0]} not listening after {timeout}s; see {log}:\n{tail(log)}")
+        time.sleep(0.05)
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+@dataclass
+class Server:
+    """A long-running process we measure: a proxy, or the echo backend."""
+
+    name: str
+    argv: list[str]
+    ports: list[int]
+    cpu: str
+    workdir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    starts: int = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        log = self.log_path()
+        with open(log, "ab") as out:
+            self.proc = REGISTRY.spawn(
+                pinned(self.cpu, self.argv),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env={**os.environ, **self.env},
+            )
+        wait_for_ports(self.proc, self.ports, log)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            REGISTRY.stop(self.proc)
+            self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.name}.log"
+
+    def pids(self) -> list[int]:
+        assert self.proc is not None, f"{self.name} is not running"
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} died (exit {self.proc.returncode}); see {self.log_path()}:\n{tail(self.log_path())}")
+        return process_tree(self.proc.pid)
+
+
+@dataclass
+class Target:
+    """Something the load tool connects to: a proxy, or the backend directly."""
+
+    name: str
+    label: str
+    server: Server  # the process whose CPU and memory are measured
+    is_proxy: bool
+    # scheme://host:port per kind of listener: "tls" (no session resumption),
+    # "tls_resume" (resumption allowed) and "plain".
+    urls: dict[str, str]
+
+
+# --------------------------------------------------------------------------
+# Configs: equivalent settings for each proxy
+
+
+def nginx_conf(work: Path, tls: int, tls_resume: int, plain: int, backend: int, cert: Path, key: Path) -> str:
+    temp = work / "nginx-temp"
+    temp.mkdir(exist_ok=True)
+    return f"""# Generated by benches/compare.py.
+worker_processes 1;
+worker_rlimit_nofile 20000;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+daemon off;
+
+events {{
+    worker_connections 20000;
+}}
+
+http {{
+    access_log off;
+    client_body_temp_path {temp}/body;
+    proxy_temp_path {temp}/proxy;
+    fastcgi_temp_path {temp}/fastcgi;
+    uwsgi_temp_path {temp}/uwsgi;
+    scgi_temp_path {temp}/scgi;
+
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    ssl_protocols TLSv1.2 TLSv1.3;
+
+    # The issue's TLS figure is per *full* handshake, and `wsgate load` keeps
+    # rustls' default client session cache, so resumption is switched off on
+    # this listener; the tls_resume listener below allows it.
+    ssl_session_cache off;
+    ssl_session_tickets off;
+
+    upstream echo_backend {{
+        server {LOOPBACK}:{backend};
+    }}
+
+    map $http_upgrade $connection_upgrade {{
+        default upgrade;
+        ''      close;
+    }}
+
+    # Same forwarding for every listener.
+    proxy_http_version 1.1;
+    proxy_set_header Host $host;
+    proxy_set_header Upgrade $http_upgrade;
+    proxy_set_header Connection $connection_upgrade;
+    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+    proxy_set_header X-Forwarded-Proto $scheme;
+    proxy_set_header X-Forwarded-Host $host;
+    proxy_set_header X-Real-IP $remote_addr;
+    proxy_read_timeout 1h;
+    proxy_send_timeout 1h;
+
+    server {{
+        listen {LOOPBACK}:{tls} ssl;
+        listen {LOOPBACK}:{plain};
+        location / {{
+            proxy_pass http://echo_backend;
+        }}
+    }}
+
+    server {{
+        listen {LOOPBACK}:{tls_resume} ssl;
+        ssl_session_cache shared:bench:10m;
+        ssl_session_tickets on;
+        location / {{
+            proxy_pass http://echo_backend;
+        }}
+    }}
+}}
+"""
+
+
+def haproxy_cfg(tls: int, tls_resume: int, plain: int, backend: int, pem: Path) -> str:
+    return f"""# Generated by benches/compare.py.
+global
+    nbthread 1
+    # Two descriptors per tunnel under the 20,000 hard limit.
+    maxconn 9950
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+    # No logs: HAProxy logs nothing without a `log` line.
+
+defaults
+    mode http
+    maxconn 9950
+    option forwardfor
+    timeout connect 5s
+    timeout http-request 10s
+    timeout client 1h
+    timeout server 1h
+    timeout tunnel 1h
+
+frontend bench
+    # no-tls-tickets + the per-bind option below: full handshakes on this port
+    # (see the nginx config for why); tickets allowed on the tls_resume port.
+    bind {LOOPBACK}:{tls} ssl crt {pem} alpn http/1.1 no-tls-tickets
+    bind {LOOPBACK}:{tls_resume} ssl crt {pem} alpn http/1.1
+    bind {LOOPBACK}:{plain}
+    http-request set-header X-Forwarded-Proto https if {{ ssl_fc }}
+    http-request set-header X-Forwarded-Proto http if !{{ ssl_fc }}
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    http-request set-header X-Real-IP %[src]
+    default_backend echo_backend
+
+backend echo_backend
+    server echo {LOOPBACK}:{backend}
+"""
+
+
+def wsgate_toml(tls: int, plain: int, backend: int, cert: Path, key: Path) -> str:
+    return f"""# Generated by benches/compare.py.
+[[listener]]
+addr = "{LOOPBACK}:{tls}"
+tls = {{ certs = [ {{ cert = "{cert}", key = "{key}" }} ] }}
+
+[[listener]]
+addr = "{LOOPBACK}:{plain}"
+
+[server]
+# As nginx's $proxy_add_x_forwarded_for: a loopback peer's chain is extended.
+trusted_proxies = ["127.0.0.1/32", "::1/128"]
+max_connections = 20000
+# Restarts between memory runs should not wait out the default 30 s drain.
+drain_timeout = "1s"
+
+[upstream.echo]
+servers = ["{LOOPBACK}:{backend}"]
+
+[[route]]
+path = "/"
+upstream = "echo"
+websocket = "allowed"
+origins = ["{ORIGIN}"]
+missing_origin = "allow"
+idle_timeout = "1h"
+"""
+
+
+# --------------------------------------------------------------------------
+# Workloads
+
+
+@dataclass
+class Workload:
+    key: str
+    title: str
+    listener: str  # which URL of the target: "tls", "tls_resume" or "plain"
+    args: Callable[[argparse.Namespace], list[str]]
+    # How much work a run did, from the load tool's report; CPU is divided by it.
+    units: Callable[[dict], float]
+    unit_name: str
+    cpu_scale: float  # seconds -> the unit the figure is quoted in
+    cpu_label: str
+    rate: Callable[[dict], float]
+    rate_label: str
+    hold: int = 0  # > 0: an idle-memory run holding this many connections
+    with_direct: bool = True
+
+
+def handshakes(report: dict) -> float:
+    return report["handshakes"]["succeeded"]
+
+
+def messages_received(report: dict) -> float:
+    return report["messages"]["received"]
+
+
+def megabytes_both_ways(report: dict) -> float:
+    return (report["messages"]["bytes_sent"] + report["messages"]["bytes_received"]) / 1e6
+
+
+def workloads(opts: argparse.Namespace) -> list[Workload]:
+    dur = f"{opts.duration}s"
+    # A huge per-connection message count: each connection echoes until the
+    # deadline instead of reconnecting, so echo and bulk measure the tunnel.
+    forever = "1000000000"
+    handshake = ["--mode", "handshake", "--connections", "32", "--duration", dur]
+    # `wsgate load` has no per-message rate flag, only --rate for new
+    # connections. A fixed 5,000 msg/s is emulated by pacing connections at
+    # 10/s, each echoing 500 messages one at a time (--in-flight 1) and then
+    # closing: 10 x 500 = 5,000 msg/s offered, at ~1-2 connections busy at
+    # once. So it is a paced, closed-loop load, the same for every target.
+    paced = ["--mode", "echo", "--connections", "8", "--rate", "10", "--messages", "500",
+             "--message-size", "128", "--duration", dur]
+    found = [
+        Workload("tls_handshake", "full TLS handshake + upgrade", "tls",
+                 lambda o: handshake, handshakes, "handshake", 1e6, "proxy CPU µs per full TLS handshake + upgrade",
+                 lambda r: r["handshakes"]["succeeded_per_sec"], "TLS handshakes/s (full)"),
+        Workload("tls_handshake_resumed", "resumed TLS handshake + upgrade", "tls_resume",
+                 lambda o: handshake, handshakes, "handshake", 1e6,
+                 "proxy CPU µs per TLS handshake + upgrade, resumption allowed",
+                 lambda r: r["handshakes"]["succeeded_per_sec"], "TLS handshakes/s (resumption allowed)",
+                 with_direct=False),
+        Workload("plain_handshake", "plaintext handshake + upgrade", "plain",
+                 lambda o: handshake, handshakes, "handshake", 1e6, "proxy CPU µs per plaintext handshake + upgrade",
+                 lambda r: r["handshakes"]["succeeded_per_sec"], "plaintext handshakes/s"),
+        Workload("echo", "echo 64 conns x 128 B, TLS", "tls",
+                 lambda o: ["--mode", "echo", "--connections", "64", "--messages", forever,
+                            "--message-size", "128", "--duration", dur],
+                 messages_received, "message", 1e6, "proxy CPU µs per echoed 128 B message (TLS)",
+                 lambda r: r["messages"]["received_per_sec"], "echo messages/s (64 conns x 128 B, TLS)"),
+        Workload("echo_paced", "echo at ~5,000 msg/s, TLS", "tls",
+                 lambda o: paced, messages_received, "message", 1e6,
+                 "proxy CPU µs per echoed message at ~5,000 msg/s (TLS)",
+                 lambda r: r["messages"]["received_per_sec"], "achieved msg/s in the paced run"),
+        Workload("bulk", "bulk 64 KiB messages, TLS", "tls",
+                 lambda o: ["--mode", "bulk", "--connections", "4", "--in-flight", "4", "--messages", forever,
+                            "--message-size", "65536", "--duration", dur],
+                 megabytes_both_ways, "MB", 1e3, "proxy CPU ms per MB of bulk (64 KiB msgs, TLS, both ways)",
+                 lambda r: megabytes_both_ways(r) / r["elapsed_secs"], "bulk MB/s (both ways)"),
+    ]
+    for count in opts.hold:
+        # Long enough to open them all at the shared pace, plus time to settle.
+        hold_secs = count / HOLD_OPEN_RATE + 4
+        found.append(
+            Workload(f"hold_{count}", f"{count} idle TLS WebSockets", "tls",
+                     lambda o, count=count, hold_secs=hold_secs: [
+                         "--mode", "hold", "--connections", str(count), "--rate", str(HOLD_OPEN_RATE),
+                         "--timeout", "30s", "--duration", f"{hold_secs:.1f}s"],
+                     handshakes, "connection", 1e6, "proxy CPU µs per held connection (open + hold + close)",
+                     lambda r: r["peak_open_connections"], "peak open connections", hold=count))
+    if opts.workloads:
+        wanted = set(opts.workloads)
+        unknown = wanted - {w.key for w in found}
+        if unknown:
+            sys.exit(f"unknown workload(s): {', '.join(sorted(unknown))}; known: {', '.join(w.key for w in found)}")
+        found = [w for w in found if w.key in wanted]
+    return found
+
+
+# --------------------------------------------------------------------------
+# One run
+
+
+def run_load(url: str, extra: list[str], duration_hint: float) -> tuple[dict | None, str, float, float]:
+    """Runs `wsgate load` on the client CPU; returns (report, stderr, load CPU s, wall s)."""
+    argv = pinned(CLIENT_CPU, [str(WSGATE), "load", "--url", url, "--json", "--insecure", "--origin", ORIGIN, *extra])
+    before = children_cpu_seconds()
+    started = time.monotonic()
+    proc = REGISTRY.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env={**os.environ, "RUST_LOG": "warn"})
+    try:
+        out, err = proc.communicate(timeout=duration_hint + 60)
+    except subprocess.TimeoutExpired:
+        REGISTRY.stop(proc)
+        return None, "load tool timed out", 0.0, time.monotonic() - started
+    REGISTRY.procs.remove(proc)
+    wall = time.monotonic() - started
+    load_cpu = children_cpu_seconds() - before
+    try:
+        return json.loads(out), err.decode(errors="replace"), load_cpu, wall
+    except json.JSONDecodeError:
+        return None, (out + err).decode(errors="replace"), load_cpu, wall
+
+
+def run_one(target: Target, workload: Workload, opts: argparse.Namespace, backend: Server, round_no: int) -> dict:
+    server = target.server
+    url = target.urls["plain" if target.name == "direct" else workload.listener]
+    extra = workload.args(opts)
+    record: dict = {"round": round_no, "target": target.name, "workload": workload.key, "url": url, "args": extra}
+
+    if workload.hold and target.is_proxy:
+        # A fresh process: freed memory kept by the allocator from earlier
+        # runs would otherwise absorb the new connections and flatter the figure.
+        server.restart()
+        time.sleep(0.5)
+    pids = server.pids()
+    base_rss = rss_kib(pids)
+    base_socks = socket_fds(pids)
+    proxy_cpu0 = cpu_seconds(pids)
+    backend_cpu0 = cpu_seconds(backend.pids())
+
+    if workload.hold:
+        report, err, load_cpu, wall, held = hold_run(server, url, extra, workload.hold, target.is_proxy, base_socks)
+        record.update(held)
+        if held.get("held_connections"):
+            record["rss_base_kib"] = base_rss
+            record["kib_per_connection"] = (held["rss_held_kib"] - base_rss) / held["held_connections"]
+    else:
+        report, err, load_cpu, wall = run_load(url, extra, opts.duration)
+
+    pids = server.pids()
+    proxy_cpu = cpu_seconds(pids) - proxy_cpu0
+    backend_cpu = cpu_seconds(backend.pids()) - backend_cpu0
+    record.update({"wall_s": wall, "load_cpu_s": load_cpu, "backend_cpu_s": backend_cpu,
+                   "threads": sum(status_field(pid, "Threads") for pid in pids), "processes": len(pids)})
+    if report is None:
+        record["error"] = err.strip()[-2000:]
+        return record
+    elapsed = report["elapsed_secs"]
+    units = workload.units(report)
+    record.update({
+        "report": report,
+        "units": units,
+        "rate": workload.rate(report),
+        "failures": report["handshakes"]["failed"] + sum(report["errors"].values()),
+        # Busy share of each core over the load tool's run: which side was the bottleneck.
+        "client_core_busy": (load_cpu + backend_cpu) / elapsed if elapsed else None,
+        "load_cpu_share": load_cpu / elapsed if elapsed else None,
+    })
+    if target.is_proxy:
+        record["proxy_cpu_s"] = proxy_cpu
+        record["proxy_core_busy"] = proxy_cpu / elapsed if elapsed else None
+        if units:
+            record["cpu_per_unit"] = proxy_cpu / units * workload.cpu_scale
+    if report.get("echo_rtt_ms"):
+        record["rtt_p50_ms"] = report["echo_rtt_ms"]["p50"]
+        record["rtt_p99_ms"] = report["echo_rtt_ms"]["p99"]
+    if report.get("handshake_latency_ms"):
+        record["handshake_p99_ms"] = report["handshake_latency_ms"]["p99"]
+    if record["failures"]:
+        record["stderr"] = err.strip()[-2000:]
+    return record
+
+
+def hold_run(server: Server, url: str, extra: list[str], count: int, is_proxy: bool, base_socks: int):
+    """Starts the load tool holding `count` connections and samples the
+    server's RSS once they are all established (or just before the end)."""
+    duration = float(extra[extra.index("--duration") + 1].rstrip("s"))
+    argv = pinned(CLIENT_CPU, [str(WSGATE), "load", "--url", url, "--json", "--insecure", "--origin", ORIGIN, *extra])
+    before = children_cpu_seconds()
+    started = time.monotonic()
+    proc = REGISTRY.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env={**os.environ, "RUST_LOG": "warn"})
+    # A proxied connection is two sockets in the proxy, a direct one is one.
+    per_conn = 2 if is_proxy else 1
+    want = base_socks + per_conn * count
+    held: dict = {}
+    # Sample at the latest 1.5 s before the load tool starts closing.
+    last_chance = started + duration - 1.5
+    while True:
+        time.sleep(0.25)
+        socks = socket_fds(server.pids())
+        now = time.monotonic()
+        if socks >= want or now >= last_chance or proc.poll() is not None:
+            if socks >= want and now + 1 < last_chance:
+                time.sleep(1)  # let handshake-time buffers be released first
+            pids = server.pids()
+            socks = socket_fds(pids)
+            held = {"rss_held_kib": rss_kib(pids),
+                    "held_connections": max(0, (socks - base_socks) // per_conn),
+                    "all_established": socks >= want}
+            break
+    try:
+        out, err = proc.communicate(timeout=duration + 60)
+    except subprocess.TimeoutExpired:
+        REGISTRY.stop(proc)
+        return None, "load tool timed out", 0.0, time.monotonic() - started, held
+    REGISTRY.procs.remove(proc)
+    wall = time.monotonic() - started
+    load_cpu = children_cpu_seconds() - before
+    try:
+        report = json.loads(out)
+    except json.JSONDecodeError:
+        return None, (out + err).decode(errors="replace"), load_cpu, wall, held
+    return report, err.decode(errors="replace"), load_cpu, wall, held
+
+
+# --------------------------------------------------------------------------
+# Setup
+
+
+def build(opts: argparse.Namespace) -> None:
+    if opts.no_build:
+        if not WSGATE.exists():
+            sys.exit(f"{WSGATE} does not exist; run without --no-build")
+        return
+    print("building wsgate (cargo build --release) ...", flush=True)
+    subprocess.run(["cargo", "build", "--release", "--bin", "wsgate"], cwd=ROOT, check=True, timeout=1800)
+
+
+def find_tool(name: str) -> str | None:
+    return shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/sbin/{name}") if os.path.exists(p)), None)
+
+
+def ensure_peers() -> tuple[str, str]:
+    if not (find_tool("nginx") and find_tool("haproxy")):
+        print("installing nginx and haproxy from the distribution ...", flush=True)
+        cmd = ["apt-get", "install", "-y", "--no-install-recommends", "nginx", "haproxy"]
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        if subprocess.run(cmd, env=env, timeout=600).returncode != 0:
+            # A fresh machine has no package lists yet.
+            subprocess.run(["apt-get", "update"], env=env, check=True, timeout=600)
+            subprocess.run(cmd, env=env, check=True, timeout=600)
+    nginx, haproxy = find_tool("nginx"), find_tool("haproxy")
+    if not (nginx and haproxy):
+        sys.exit("nginx or haproxy is still missing after apt-get install")
+    return nginx, haproxy
+
+
+def versions(nginx: str, haproxy: str) -> dict:
+    def out(argv: list[str]) -> str:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            return (done.stdout + done.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "unknown"
+
+    rev = out(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    if not rev or "fatal" in rev or "unknown" in rev:
+        rev = "no commit yet"
+    dirty = out(["git", "-C", str(ROOT), "status", "--porcelain"])
+    return {
+        "nginx": out([nginx, "-v"]),
+        "haproxy": out([haproxy, "-v"]),
+        "openssl": out(["openssl", "version"]),
+        "wsgate": out([str(WSGATE), "--version"]),
+        "wsgate_git_rev": rev + (" (+ uncommitted changes)" if dirty and dirty != "unknown" else ""),
+    }
+
+
+def machine() -> dict:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
+            "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE)}
+
+
+def tls_resumes(port: int) -> bool | None:
+    """Whether the listener resumes a TLS 1.3 session (openssl s_client probe)."""
+    if not shutil.which("openssl"):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        session = Path(tmp) / "session.pem"
+        base = ["openssl", "s_client", "-connect", f"{LOOPBACK}:{port}", "-servername", "localhost", "-tls1_3"]
+        for extra in (["-sess_out", str(session)], ["-sess_in", str(session)]):
+            proc = subprocess.Popen(base + extra, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            # TLS 1.3 tickets come after the handshake: keep stdin open a moment.
+            time.sleep(0.4)
+            try:
+                out, _ = proc.communicate(input=b"", timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return None
+            if not session.exists():
+                return False
+        return b"Reused," in out
+
+
+def preflight(targets: list[Target], kinds: set[str]) -> None:
+    """One short handshake run per listener, so a config mistake stops us now
+    and not after ten minutes."""
+    for target in targets:
+        for kind, url in target.urls.items():
+            if kind not in kinds:
+                continue
+            report, err, _, _ = run_load(url, ["--mode", "handshake", "--connections", "2", "--duration", "1s"], 1)
+            ok = report is not None and report["handshakes"]["succeeded"] > 0 and report["handshakes"]["failed"] == 0
+            print(f"  preflight {target.name:8} {kind:10} {url:32} "
+                  f"{'ok' if ok else 'FAILED'}", flush=True)
+            if not ok:
+                detail = json.dumps(report) if report else err
+                raise RuntimeError(f"{target.name} {url} does not upgrade:\n{detail}\n"
+                                   f"server log:\n{tail(target.server.log_path())}")
+
+
+# --------------------------------------------------------------------------
+# Summary
+
+
+def median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if value == 0:
+        return "0"
+    magnitude = abs(value)
+    if magnitude >= 1000:
+        return f"{value:,.0f}"
+    if magnitude >= 100:
+        return f"{value:.0f}"
+    if magnitude >= 10:
+        return f"{value:.1f}"
+    return f"{value:.{digits - 1}f}" if magnitude >= 1 else f"{value:.{digits}f}"
+
+
+PEERS = ("nginx", "haproxy")
+
+
+@dataclass
+class Row:
+    figure: str
+    values: dict[str, float | None]
+    lower_is_better: bool
+    bar: str = ""
+    verdict: str = ""
+    ratio: float | None = None
+    # The issue's bar as a ratio to the better peer; None = no ratio bar.
+    limit: float | None = None
+
+
+def summarise(runs: list[dict], works: list[Workload], target_names: list[str]) -> tuple[list[Row], dict]:
+    def med(workload: str, target: str, key: str) -> float | None:
+        return median([r.get(key) for r in runs if r["workload"] == workload and r["target"] == target])
+
+    # The issue's bar for each figure: ratio to the better peer, or absolute.
+    bars = {
+        "tls_handshake": ("cpu", 0.75, "≤ 0.75× better peer"),
+        "plain_handshake": ("cpu", 1.0, "≤ better peer"),
+        "echo": ("cpu", 1.0, "≤ better peer"),
+        "bulk": ("cpu", 1.0, "≤ better peer"),
+        "echo_paced": ("p99", 1.0, "≤ better peer"),
+    }
+    rows: list[Row] = []
+    medians: dict = {}
+    for work in works:
+        medians[work.key] = {t: {k: med(work.key, t, k) for k in
+                                 ("cpu_per_unit", "rate", "rtt_p99_ms", "rtt_p50_ms", "kib_per_connection",
+                                  "proxy_core_busy", "client_core_busy", "load_cpu_share", "held_connections",
+                                  "handshake_p99_ms")}
+                             for t in target_names}
+        get = lambda key: {t: medians[work.key][t][key] for t in target_names}  # noqa: E731
+        if work.hold:
+            held = get("held_connections")
+            count = next((int(v) for v in held.values() if v), work.hold)
+            row = Row(f"proxy RSS KiB per idle TLS WebSocket, {count:,} held", get("kib_per_connection"), True)
+            if work.hold >= 5000:
+                row.bar = "≤ 15 KiB"
+                value = row.values.get("wsgate")
+                row.verdict = "—" if value is None else ("met" if value <= 15 else "missed")
+            rows.append(row)
+            continue
+        kind, limit, bar = bars.get(work.key, ("cpu", None, ""))
+        cpu_row = Row(work.cpu_label, {t: v if t != "direct" else None for t, v in get("cpu_per_unit").items()}, True)
+        if work.key == "echo_paced":
+            p99 = Row("echo round trip p99 ms at ~5,000 msg/s (TLS; direct = ws)", get("rtt_p99_ms"), True, bar)
+            rows.append(p99)
+            rows.append(Row(work.rate_label, get("rate"), False))
+            rows.append(cpu_row)
+            target_row = p99
+        else:
+            cpu_row.bar = bar
+            rows.append(cpu_row)
+            rows.append(Row(work.rate_label, get("rate"), False))
+            target_row = cpu_row
+        if limit is not None:
+            target_row.bar = bar
+            target_row.limit = limit
+
+    for row in rows:
+        peers = [row.values.get(p) for p in PEERS if row.values.get(p) is not None]
+        mine = row.values.get("wsgate")
+        if peers and mine is not None:
+            best = min(peers) if row.lower_is_better else max(peers)
+            row.ratio = mine / best if best else None
+        if row.limit is not None:
+            row.verdict = "—" if row.ratio is None else ("met" if row.ratio <= row.limit else "missed")
+
+    failures = {t: sum(r.get("failures", 0) or 0 for r in runs if r["target"] == t) +
+                sum(1 for r in runs if r["target"] == t and "error" in r) for t in target_names}
+    fail_row = Row("failed handshakes or broken tunnels, all runs", {t: float(v) for t, v in failures.items()}, True,
+                   "0", "met" if failures.get("wsgate", 0) == 0 else "missed")
+    rows.append(fail_row)
+    return rows, medians
+
+
+LABELS = {"nginx": "nginx", "haproxy": "HAProxy", "wsgate": "wsgate", "direct": "direct (ws)"}
+
+
+def markdown(rows: list[Row], target_names: list[str]) -> str:
+    head = ["figure", *[LABELS[t] for t in target_names], "wsgate ÷ better peer", "bar (issue 4)", "met?"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row.figure, *[fmt(row.values.get(t)) for t in target_names],
+                 "—" if row.ratio is None else f"{row.ratio:.2f}×", row.bar, row.verdict]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bottleneck_table(medians: dict, works: list[Workload], target_names: list[str]) -> str:
+    """Median busy share of each core: ~100 % on CPU 1 means the proxy was the
+    limit; ~100 % on CPU 0 means the load tool + backend were."""
+    head = ["workload", *[f"{LABELS[t]}: CPU1 / CPU0" for t in target_names]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    pct = lambda v: "—" if v is None else f"{v * 100:.0f} %"  # noqa: E731
+    for work in works:
+        cells = [work.title]
+        for t in target_names:
+            m = medians[work.key][t]
+            cells.append(f"{pct(m['proxy_core_busy'])} / {pct(m['client_core_busy'])}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# Main
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--duration", type=float, default=5.0,
+                        help="seconds per throughput/handshake run (default 5)")
+    parser.add_argument("--hold", default=",".join(map(str, DEFAULT_HOLD)),
+                        help=f"idle connection counts for the memory runs (default {','.join(map(str, DEFAULT_HOLD))}; "
+                             "~9,980 is the most one proxy process can hold under a 20,000 open-file limit)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 1 round, 2 s runs, 500 and 2,000 held connections")
+    parser.add_argument("--workloads", help="comma-separated subset of workloads (default all)")
+    parser.add_argument("--targets", default="nginx,haproxy,wsgate,direct",
+                        help="comma-separated subset of nginx,haproxy,wsgate,direct")
+    parser.add_argument("--no-build", action="store_true", help="use target/release/wsgate as it is")
+    parser.add_argument("--out", type=Path, default=OUT / "results.json", help="JSON output path")
+    opts = parser.parse_args()
+    if opts.quick:
+        opts.rounds, opts.duration = 1, 2.0
+        if opts.hold == parser.get_default("hold"):
+            opts.hold = "500,2000"
+    opts.hold = [int(n) for n in opts.hold.split(",") if n.strip()] if opts.hold else []
+    opts.workloads = [w.strip() for w in opts.workloads.split(",")] if opts.workloads else None
+    opts.targets = [t.strip() for t in opts.targets.split(",")]
+    if any(t not in LABELS for t in opts.targets):
+        sys.exit(f"--targets takes a subset of {','.join(LABELS)}")
+    return opts
+
+
+def main() -> int:
+    opts = parse_args()
+    if os.uname().sysname != "Linux":
+        sys.exit("this benchmark reads /proc and pins CPUs: Linux only")
+    # SIGTERM/SIGHUP end the run like Ctrl-C, so `finally` stops everything.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: sys.exit(130))
+    build(opts)
+    nginx, haproxy = ensure_peers()
+    if (os.cpu_count() or 1) < 2:
+        print("warning: fewer than 2 CPUs; proxy and load tool will share one", file=sys.stderr)
+    # This script polls /proc during memory runs: keep it off the proxies' core.
+    os.sched_setaffinity(0, {int(CLIENT_CPU)})
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    work = OUT / "work"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir()
+    subprocess.run([str(WSGATE), "cert", "--out", str(work), "--name", "bench", "localhost", LOOPBACK],
+                   check=True, timeout=30, stdout=subprocess.DEVNULL)
+    cert, key = work / "bench.crt", work / "bench.key"
+    # HAProxy wants the certificate and its key in one PEM.
+    pem = work / "bench.pem"
+    pem.write_bytes(cert.read_bytes() + key.read_bytes())
+
+    ports = iter(free_ports(10))
+    backend_port = next(ports)
+    p = {name: {"tls": next(ports), "plain": next(ports)} for name in ("nginx", "haproxy", "wsgate")}
+    for name in ("nginx", "haproxy"):
+        p[name]["tls_resume"] = next(ports)
+    (work / "nginx.conf").write_text(nginx_conf(work, p["nginx"]["tls"], p["nginx"]["tls_resume"],
+                                                p["nginx"]["plain"], backend_port, cert, key))
+    (work / "haproxy.cfg").write_text(haproxy_cfg(p["haproxy"]["tls"], p["haproxy"]["tls_resume"],
+                                                  p["haproxy"]["plain"], backend_port, pem))
+    (work / "wsgate.toml").write_text(wsgate_toml(p["wsgate"]["tls"], p["wsgate"]["plain"], backend_port, cert, key))
+
+    quiet = {"RUST_LOG": "warn"}  # the equivalent of access_log off
+    backend = Server("backend", [str(WSGATE), "echo", "--listen", f"{LOOPBACK}:{backend_port}"],
+                     [backend_port], CLIENT_CPU, work, quiet)
+    servers = {
+        "nginx": Server("nginx", [nginx, "-p", str(work), "-e", str(work / "nginx-error.log"),
+                                  "-c", str(work / "nginx.conf")],
+                        list(p["nginx"].values()), PROXY_CPU, work),
+        "haproxy": Server("haproxy", [haproxy, "-db", "-f", str(work / "haproxy.cfg")],
+                          list(p["haproxy"].values()), PROXY_CPU, work),
+        "wsgate": Server("wsgate", [str(WSGATE), "run", "-c", str(work / "wsgate.toml")],
+                         list(p["wsgate"].values()), PROXY_CPU, work, quiet),
+    }
+
+    def urls(name: str) -> dict[str, str]:
+        u = {"tls": f"wss://localhost:{p[name]['tls']}/", "plain": f"ws://{LOOPBACK}:{p[name]['plain']}/"}
+        # wsgate's rustls listener always allows resumption: its one TLS
+        # port serves both TLS workloads.
+        u["tls_resume"] = f"wss://localhost:{p[name]['tls_resume']}/" if "tls_resume" in p[name] else u["tls"]
+        return u
+
+    all_targets = {name: Target(name, LABELS[name], servers[name], True, urls(name)) for name in servers}
+    all_targets["direct"] = Target("direct", LABELS["direct"], backend, False,
+                                   {"plain": f"ws://{LOOPBACK}:{backend_port}/"})
+    targets = [all_targets[t] for t in opts.targets]
+    works = workloads(opts)
+
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "versions": versions(nginx, haproxy),
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
+        "ports": {"backend": backend_port, **p},
+        "pinning": {"proxy_cpu": PROXY_CPU, "load_and_backend_cpu": CLIENT_CPU},
+    }
+    runs: list[dict] = []
+    started = time.monotonic()
+    try:
+        backend.start()
+        for target in targets:
+            if target.is_proxy:
+                target.server.start()
+        print(f"work dir {work}; backend on {backend_port}", flush=True)
+        kinds = {w.listener for w in works} | {"plain"}
+        preflight(targets, kinds)
+        meta["tls_resumption"] = {
+            t.name: {kind: tls_resumes(int(t.urls[kind].rsplit(":", 1)[1].rstrip("/")))
+                     for kind in ("tls", "tls_resume")}
+            for t in targets if t.is_proxy
+        }
+        meta["server_threads"] = {t.name: sum(status_field(pid, "Threads") for pid in t.server.pids())
+                                  for t in targets}
+        print(f"  TLS 1.3 session resumption per listener: {json.dumps(meta['tls_resumption'])}", flush=True)
+
+        for round_no in range(1, opts.rounds + 1):
+            # Rotate the order each round so that no target always runs first
+            # (right after a memory run, say) or last.
+            shift = (round_no - 1) % len(targets)
+            order = targets[shift:] + targets[:shift]
+            for work_item in works:
+                for target in order:
+                    if target.name == "direct" and not work_item.with_direct:
+                        continue
+                    record = run_one(target, work_item, opts, backend, round_no)
+                    runs.append(record)
+                    print("  " + describe(record, work_item), flush=True)
+                    # Let closed sockets and the allocator settle between runs.
+                    time.sleep(1.0 if not work_item.hold else 2.0)
+            print(f"round {round_no}/{opts.rounds} done at {time.monotonic() - started:.0f} s", flush=True)
+    finally:
+        REGISTRY.stop_all()
+
+    names = [t.name for t in targets]
+    rows, medians = summarise(runs, works, names)
+    table = markdown(rows, names)
+    busy = bottleneck_table(medians, works, names)
+    meta["elapsed_s"] = round(time.monotonic() - started, 1)
+    report_md = (f"{table}\n\nMedian core utilisation during each run "
+                 f"(CPU 1 = the proxy's own processes, CPU 0 = load tool + backend):\n\n{busy}\n")
+    print()
+    print(report_md)
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps({"meta": meta, "medians": medians,
+                                    "table": [row.__dict__ for row in rows], "runs": runs}, indent=1, default=str))
+    opts.out.with_suffix(".md").write_text(report_md)
+    print(f"wrote {opts.out} and {opts.out.with_suffix('.md')} ({meta['elapsed_s']:.0f} s)")
+    return 0
+
+
+def describe(record: dict, work: Workload) -> str:
+    head = f"r{record['round']} {work.key:22} {record['target']:8}"
+    if "error" in record:
+        return f"{head} ERROR {record['error'][:300]}"
+    parts = [f"{work.rate_label.split(' (')[0]} {fmt(record.get('rate'))}"]
+    if record.get("cpu_per_unit") is not None:
+        parts.append(f"cpu/{work.unit_name} {fmt(record['cpu_per_unit'])}")
+    if record.get("rtt_p99_ms") is not None:
+        parts.append(f"p99 {record['rtt_p99_ms']:.3f} ms")
+    if record.get("kib_per_connection") is not None:
+        parts.append(f"{record['kib_per_connection']:.1f} KiB/conn over {record['held_connections']}")
+    if record.get("proxy_core_busy") is not None:
+        parts.append(f"cpu1 {record['proxy_core_busy'] * 100:.0f}%")
+    if record.get("client_core_busy") is not None:
+        parts.append(f"cpu0 {record['client_core_busy'] * 100:.0f}%")
+    if record.get("failures"):
+        parts.append(f"FAILURES {record['failures']}")
+    return f"{head} " + "  ".join(parts)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        REGISTRY.stop_all()
+        sys.exit(130)
