@@ -28,6 +28,7 @@ pub mod config;
 pub mod demo;
 pub mod echo;
 pub mod error;
+pub mod head;
 pub mod headers;
 pub mod health;
 pub mod load;

@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::error::Rejection;
+use crate::head::{self, FirstHead, Prefixed};
 use crate::metrics::Metrics;
 use crate::proxy::{self, Connection};
 use crate::state::State;
@@ -369,37 +370,69 @@ impl ConnectionTask {
         self.state
             .unrouted_metrics
             .rejection(Rejection::Overloaded.reason());
-        if tls {
-            return;
+        if !tls {
+            write_rejection(&mut self.tcp, Rejection::Overloaded).await;
         }
-        let response = Rejection::Overloaded.into_response();
-        let mut head = format!("HTTP/1.1 {}\r\n", response.status());
-        for (name, value) in response.headers() {
-            head.push_str(&format!(
-                "{}: {}\r\n",
-                name,
-                value.to_str().unwrap_or_default()
-            ));
-        }
-        let body = response.body();
-        head.push_str(&format!(
-            "content-length: {}\r\nconnection: close\r\n\r\n",
-            body.len()
-        ));
-        let write = async {
-            self.tcp.write_all(head.as_bytes()).await?;
-            self.tcp.write_all(body).await?;
-            self.tcp.shutdown().await
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(2), write).await;
     }
 }
 
-async fn serve_http<IO>(io: IO, connection: Connection, stop_accepting: CancellationToken)
+/// Answers a connection hyper never got to see, then closes it.
+async fn write_rejection<IO: AsyncWrite + Unpin>(io: &mut IO, rejection: Rejection) {
+    let response = rejection.into_response();
+    let mut head = format!("HTTP/1.1 {}\r\n", response.status());
+    for (name, value) in response.headers() {
+        head.push_str(&format!(
+            "{}: {}\r\n",
+            name,
+            value.to_str().unwrap_or_default()
+        ));
+    }
+    let body = response.body();
+    head.push_str(&format!(
+        "content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    ));
+    let write = async {
+        io.write_all(head.as_bytes()).await?;
+        io.write_all(body).await?;
+        io.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), write).await;
+}
+
+async fn serve_http<IO>(mut io: IO, connection: Connection, stop_accepting: CancellationToken)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let server = &connection.state.server;
+    let peer = connection.peer;
+    let first_head = match head::read_first_head(
+        &mut io,
+        server.max_header_bytes,
+        server.header_timeout,
+    )
+    .await
+    {
+        FirstHead::Complete(bytes) => bytes,
+        FirstHead::TooLarge => {
+            let rejection = Rejection::HeaderTooLarge {
+                limit: server.max_header_bytes,
+            };
+            tracing::info!(%peer, status = 431, reason = rejection.reason(), detail = %rejection.detail(), "request rejected");
+            connection
+                .state
+                .unrouted_metrics
+                .rejection(rejection.reason());
+            write_rejection(&mut io, rejection).await;
+            return;
+        }
+        FirstHead::TimedOut => {
+            tracing::debug!(%peer, timeout = ?server.header_timeout, "no complete request head in time; closing");
+            return;
+        }
+        FirstHead::Closed => return,
+    };
+    let io = Prefixed::new(first_head, io);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -410,7 +443,6 @@ where
         .max_headers(512)
         .preserve_header_case(true)
         .keep_alive(true);
-    let peer = connection.peer;
     let connection = Arc::new(connection);
     let service = service_fn(move |request| proxy::handle(request, connection.clone()));
     let serving = builder

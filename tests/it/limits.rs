@@ -56,7 +56,6 @@ async fn head_larger_than_max_header_bytes_is_431() {
 }
 
 #[tokio::test]
-#[ignore = "bug: a head larger than max_header_bytes + 8 KiB gets hyper's bare 431 without wsgate-reason (src/server.rs max_buf_size)"]
 async fn head_far_larger_than_max_header_bytes_is_still_431_with_reason() {
     let backend = spawn_ws_echo().await;
     let proxy = start_proxy(&config(backend.addr, "max_header_bytes = 2048")).await;

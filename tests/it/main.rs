@@ -4,11 +4,14 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod cli;
 mod forwarding;
 mod handshake;
 mod limits;
+mod metrics;
 mod origin_attacks;
 mod origin_property;
 mod plain_http;
 mod smoke;
+mod tls;
 mod tunnel;

@@ -1,0 +1,201 @@
+//! The admin listener: `/metrics` counts what happened with exact values,
+//! `/healthz` and `/readyz` answer.
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::*;
+
+/// A masked client text frame "hello": 2 header + 4 mask + 5 payload bytes.
+const CLIENT_FRAME_LEN: u64 = 11;
+/// The backend's unmasked reply "hello, you": 2 header + 10 payload bytes.
+const SERVER_FRAME_LEN: u64 = 12;
+
+#[tokio::test]
+async fn metrics_count_upgrades_rejections_tunnel_bytes_and_http_statuses() {
+    let (backend, _) = spawn_raw_ws(|mut stream, head| async move {
+        stream
+            .write_all(switching_protocols(&head, &[]).as_bytes())
+            .await
+            .unwrap();
+        let frame = read_frame(&mut stream).await;
+        assert_eq!(frame.payload, b"hello");
+        stream
+            .write_all(&ws_frame(0x81, b"hello, you", None))
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest).await;
+    })
+    .await;
+    let origin = spawn_http_origin().await;
+    let proxy = start_proxy(&format!(
+        r#"
+        [[listener]]
+        addr = "127.0.0.1:0"
+        [admin]
+        addr = "127.0.0.1:0"
+        [server]
+        drain_timeout = "1s"
+        [upstream.ws]
+        servers = ["{backend}"]
+        [upstream.web]
+        servers = ["{}"]
+        [[route]]
+        name = "chat"
+        path = "/ws"
+        upstream = "ws"
+        origins = ["https://app.example.com"]
+        [[route]]
+        name = "page"
+        path = "/page"
+        upstream = "web"
+        "#,
+        origin.addr
+    ))
+    .await;
+    let admin = proxy.admin.unwrap();
+    let chat = ("route", "chat");
+
+    // One upgrade with a known frame exchange.
+    let (head, _, mut stream) = exchange(
+        proxy.addr(),
+        &upgrade_request("/ws", "x", &[("Origin", "https://app.example.com")]),
+    )
+    .await;
+    assert_eq!(head.status, 101);
+    metric_becomes(admin, "wsgate_tunnels_active", &[chat], 1.0).await;
+    let client_frame = ws_frame(0x81, b"hello", Some([1, 2, 3, 4]));
+    assert_eq!(client_frame.len() as u64, CLIENT_FRAME_LEN);
+    stream.write_all(&client_frame).await.unwrap();
+    let reply = read_frame(&mut stream).await;
+    assert_eq!(reply.payload, b"hello, you");
+    stream.shutdown().await.unwrap();
+    assert!(read_until_eof(&mut stream).await.is_empty());
+    metric_becomes(admin, "wsgate_tunnels_active", &[chat], 0.0).await;
+
+    // One rejection.
+    let (head, body, _) = exchange(
+        proxy.addr(),
+        &upgrade_request("/ws", "x", &[("Origin", "https://evil.test")]),
+    )
+    .await;
+    assert_rejected(&head, &body, 403, "origin-forbidden");
+
+    // One plain request, and one that matches no route.
+    let (head, _, _) = exchange(
+        proxy.addr(),
+        "GET /page HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(head.status, 200);
+    let (head, body, _) = exchange(
+        proxy.addr(),
+        "GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_rejected(&head, &body, 404, "no-route");
+
+    let (status, text) = admin_get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        metric(&text, name, labels)
+            .unwrap_or_else(|| panic!("no series {name}{labels:?} in\n{text}"))
+    };
+    assert_eq!(
+        value("wsgate_handshakes_total", &[chat, ("outcome", "upgraded")]),
+        1.0
+    );
+    assert_eq!(
+        value("wsgate_handshakes_total", &[chat, ("outcome", "rejected")]),
+        1.0
+    );
+    assert_eq!(
+        value(
+            "wsgate_handshakes_total",
+            &[chat, ("outcome", "upstream_error")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        value(
+            "wsgate_rejections_total",
+            &[chat, ("reason", "origin-forbidden")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            "wsgate_rejections_total",
+            &[("route", "-"), ("reason", "no-route")]
+        ),
+        1.0
+    );
+    assert_eq!(value("wsgate_tunnels_active", &[chat]), 0.0);
+    assert_eq!(
+        value("wsgate_tunnels_closed_total", &[chat, ("cause", "client")]),
+        1.0
+    );
+    assert_eq!(
+        value(
+            "wsgate_tunnel_bytes_total",
+            &[chat, ("direction", "client_to_upstream")]
+        ),
+        CLIENT_FRAME_LEN as f64
+    );
+    assert_eq!(
+        value(
+            "wsgate_tunnel_bytes_total",
+            &[chat, ("direction", "upstream_to_client")]
+        ),
+        SERVER_FRAME_LEN as f64
+    );
+    assert_eq!(
+        value("wsgate_handshake_duration_seconds_count", &[chat]),
+        1.0
+    );
+    assert_eq!(
+        value(
+            "wsgate_http_requests_total",
+            &[("route", "page"), ("status", "200")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            "wsgate_http_requests_total",
+            &[("route", "-"), ("status", "404")]
+        ),
+        1.0
+    );
+    // Upgrades are counted as handshakes, not as HTTP requests.
+    assert_eq!(metric(&text, "wsgate_http_requests_total", &[chat]), None);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn health_and_readiness_answer_200() {
+    let backend = spawn_ws_echo().await;
+    let proxy = start_proxy(&format!(
+        r#"
+        [[listener]]
+        addr = "127.0.0.1:0"
+        [admin]
+        addr = "127.0.0.1:0"
+        [upstream.echo]
+        servers = ["{}"]
+        [[route]]
+        path = "/"
+        upstream = "echo"
+        "#,
+        backend.addr
+    ))
+    .await;
+    let admin = proxy.admin.unwrap();
+    assert_eq!(admin_get(admin, "/healthz").await, (200, "ok\n".to_owned()));
+    assert_eq!(
+        admin_get(admin, "/readyz").await,
+        (200, "ready\n".to_owned())
+    );
+    assert_eq!(admin_get(admin, "/nope").await.0, 404);
+    proxy.stop().await;
+}
