@@ -55,9 +55,11 @@ pub enum Rejection {
     UpstreamProtocol {
         detail: String,
     },
-    /// The forward-auth service's own refusal, relayed with its status and body.
+    /// The forward-auth service's own refusal, relayed with its status, body
+    /// and the headers a client acts on (`WWW-Authenticate`, `Content-Type`, `Location`).
     AuthDenied {
         status: StatusCode,
+        headers: http::HeaderMap,
         body: Bytes,
     },
     AuthUnavailable {
@@ -191,6 +193,13 @@ impl Rejection {
             );
         }
         match self {
+            Rejection::AuthDenied {
+                headers: relayed, ..
+            } => {
+                for (name, value) in &relayed {
+                    headers.append(name, value.clone());
+                }
+            }
             Rejection::TokenMissing { .. } => {
                 headers.insert(
                     http::header::WWW_AUTHENTICATE,
@@ -264,5 +273,32 @@ mod tests {
             scope.headers()["www-authenticate"],
             "Bearer error=\"insufficient_scope\", scope=\"chat\""
         );
+    }
+
+    #[test]
+    fn auth_service_refusal_is_relayed_with_its_challenge_and_body() {
+        let mut relayed = http::HeaderMap::new();
+        relayed.insert(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Cookie realm=\"app\""),
+        );
+        relayed.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let response = Rejection::AuthDenied {
+            status: StatusCode::UNAUTHORIZED,
+            headers: relayed,
+            body: Bytes::from_static(b"{\"login\":\"/sso\"}"),
+        }
+        .into_response();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(response.headers()["wsgate-reason"], "auth-denied");
+        assert_eq!(
+            response.headers()["www-authenticate"],
+            "Cookie realm=\"app\""
+        );
+        assert_eq!(response.headers()["content-type"], "application/json");
+        assert_eq!(response.body().as_ref(), b"{\"login\":\"/sso\"}");
     }
 }

@@ -109,6 +109,22 @@ impl ForwardAuth {
                 }
             })?;
         let status = response.status();
+        // What a client needs to act on a refusal: the challenge, the body's
+        // type, and where to log in.
+        let relayed: http::HeaderMap = [
+            http::header::WWW_AUTHENTICATE,
+            http::header::CONTENT_TYPE,
+            http::header::LOCATION,
+        ]
+        .iter()
+        .flat_map(|name| {
+            response
+                .headers()
+                .get_all(name)
+                .iter()
+                .map(|value| (name.clone(), value.clone()))
+        })
+        .collect();
         let copied: Vec<(HeaderName, HeaderValue)> = self
             .copy_headers
             .iter()
@@ -128,6 +144,7 @@ impl ForwardAuth {
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return Err(Rejection::AuthDenied {
                 status,
+                headers: relayed,
                 body: body.unwrap_or_default(),
             });
         }

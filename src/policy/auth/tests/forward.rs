@@ -184,13 +184,14 @@ async fn a_401_or_403_is_relayed_with_its_body() {
         let rejection = policy.check(&client_request()).await.unwrap_err();
         let expected = Rejection::AuthDenied {
             status: StatusCode::from_u16(status).unwrap(),
+            headers: http::HeaderMap::new(),
             body: Bytes::from_static(body.as_bytes()),
         };
         assert_eq!(rejection, expected);
     }
     let huge = forward_policy(format!("http://{addr}/huge"), "2s");
     match huge.check(&client_request()).await {
-        Err(Rejection::AuthDenied { status, body }) => {
+        Err(Rejection::AuthDenied { status, body, .. }) => {
             assert_eq!(status, StatusCode::UNAUTHORIZED);
             assert_eq!(body.len(), 64 * 1024, "bounded");
         }
