@@ -208,6 +208,19 @@ def socket_fds(pids: list[int]) -> int:
     return count
 
 
+def cpu_busy_seconds() -> dict[str, float]:
+    """Busy time of each CPU from /proc/stat (everything but idle and iowait).
+    The machine is shared: busy time not explained by our processes is other
+    people's work competing with the benchmark, recorded as noise."""
+    busy = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            ticks = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+            busy[name] = (sum(ticks) - ticks[3] - ticks[4]) / CLK_TCK
+    return busy
+
+
 def children_cpu_seconds() -> float:
     """CPU of every reaped child so far: the delta around one load run is the
     load tool's own CPU, since nothing else is reaped meanwhile."""
@@ -400,6 +413,9 @@ global
     # Two descriptors per tunnel under the 20,000 hard limit.
     maxconn 9950
     ssl-default-bind-options ssl-min-ver TLSv1.2
+    # With TLS 1.3, `no-tls-tickets` alone still resumes through stateful
+    # tickets kept in this cache; the tls_resume port uses stateless tickets.
+    tune.ssl.cachesize 0
     # No logs: HAProxy logs nothing without a `log` line.
 
 defaults
@@ -413,7 +429,7 @@ defaults
     timeout tunnel 1h
 
 frontend bench
-    # no-tls-tickets + the per-bind option below: full handshakes on this port
+    # no-tls-tickets + no session cache: full handshakes on this port
     # (see the nginx config for why); tickets allowed on the tls_resume port.
     bind {LOOPBACK}:{tls} ssl crt {pem} alpn http/1.1 no-tls-tickets
     bind {LOOPBACK}:{tls_resume} ssl crt {pem} alpn http/1.1
@@ -591,6 +607,7 @@ def run_one(target: Target, workload: Workload, opts: argparse.Namespace, backen
     base_socks = socket_fds(pids)
     proxy_cpu0 = cpu_seconds(pids)
     backend_cpu0 = cpu_seconds(backend.pids())
+    machine0 = cpu_busy_seconds()
 
     if workload.hold:
         report, err, load_cpu, wall, held = hold_run(server, url, extra, workload.hold, target.is_proxy, base_socks)
@@ -604,6 +621,10 @@ def run_one(target: Target, workload: Workload, opts: argparse.Namespace, backen
     pids = server.pids()
     proxy_cpu = cpu_seconds(pids) - proxy_cpu0
     backend_cpu = cpu_seconds(backend.pids()) - backend_cpu0
+    machine = {cpu: busy - machine0.get(cpu, 0.0) for cpu, busy in cpu_busy_seconds().items()}
+    # Busy CPU time on the whole machine that none of our processes used.
+    ours = load_cpu + backend_cpu + (cpu_seconds(pids) - proxy_cpu0 if target.is_proxy else 0.0)
+    foreign = max(0.0, sum(machine.values()) - ours)
     record.update({"wall_s": wall, "load_cpu_s": load_cpu, "backend_cpu_s": backend_cpu,
                    "threads": sum(status_field(pid, "Threads") for pid in pids), "processes": len(pids)})
     if report is None:
@@ -619,6 +640,8 @@ def run_one(target: Target, workload: Workload, opts: argparse.Namespace, backen
         # Busy share of each core over the load tool's run: which side was the bottleneck.
         "client_core_busy": (load_cpu + backend_cpu) / elapsed if elapsed else None,
         "load_cpu_share": load_cpu / elapsed if elapsed else None,
+        # In cores: 1.0 = someone else kept a whole core busy during the run.
+        "foreign_cores": foreign / wall if wall else None,
     })
     if target.is_proxy:
         record["proxy_cpu_s"] = proxy_cpu
@@ -840,7 +863,7 @@ def summarise(runs: list[dict], works: list[Workload], target_names: list[str]) 
     for work in works:
         medians[work.key] = {t: {k: med(work.key, t, k) for k in
                                  ("cpu_per_unit", "rate", "rtt_p99_ms", "rtt_p50_ms", "kib_per_connection",
-                                  "proxy_core_busy", "client_core_busy", "load_cpu_share", "held_connections",
+                                  "proxy_core_busy", "client_core_busy", "load_cpu_share", "held_connections", "foreign_cores",
                                   "handshake_p99_ms")}
                              for t in target_names}
         get = lambda key: {t: medians[work.key][t][key] for t in target_names}  # noqa: E731
@@ -903,8 +926,9 @@ def markdown(rows: list[Row], target_names: list[str]) -> str:
 
 def bottleneck_table(medians: dict, works: list[Workload], target_names: list[str]) -> str:
     """Median busy share of each core: ~100 % on CPU 1 means the proxy was the
-    limit; ~100 % on CPU 0 means the load tool + backend were."""
-    head = ["workload", *[f"{LABELS[t]}: CPU1 / CPU0" for t in target_names]]
+    limit; ~100 % on CPU 0 means the load tool + backend were. The last column
+    is CPU that other users of this shared machine took meanwhile."""
+    head = ["workload", *[f"{LABELS[t]}: CPU1 / CPU0" for t in target_names], "noise (cores)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     pct = lambda v: "—" if v is None else f"{v * 100:.0f} %"  # noqa: E731
     for work in works:
@@ -912,6 +936,8 @@ def bottleneck_table(medians: dict, works: list[Workload], target_names: list[st
         for t in target_names:
             m = medians[work.key][t]
             cells.append(f"{pct(m['proxy_core_busy'])} / {pct(m['client_core_busy'])}")
+        noise = median([medians[work.key][t]["foreign_cores"] for t in target_names])
+        cells.append("—" if noise is None else f"{noise:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -1089,6 +1115,8 @@ def describe(record: dict, work: Workload) -> str:
         parts.append(f"cpu1 {record['proxy_core_busy'] * 100:.0f}%")
     if record.get("client_core_busy") is not None:
         parts.append(f"cpu0 {record['client_core_busy'] * 100:.0f}%")
+    if record.get("foreign_cores") is not None:
+        parts.append(f"noise {record['foreign_cores']:.2f} cores")
     if record.get("failures"):
         parts.append(f"FAILURES {record['failures']}")
     return f"{head} " + "  ".join(parts)

@@ -128,8 +128,16 @@ async fn serve(path: &Path) -> anyhow::Result<()> {
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
             // A bad new config must never take the running one down.
+            // One log line per event: the problems are joined, not listed on lines of their own.
             let outcome = Config::load(&config_path)
-                .map_err(|errors| errors.to_string())
+                .map_err(|errors| {
+                    errors
+                        .problems
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                })
                 .and_then(|config| reloader.apply(&config));
             if let Err(error) = outcome {
                 tracing::error!(%error, "reload refused; the previous configuration keeps serving");

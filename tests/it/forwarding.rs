@@ -402,3 +402,53 @@ async fn permessage_deflate_is_negotiated_end_to_end() {
     let _ = read_until_eof(&mut stream).await;
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn backend_101_headers_reach_the_client_unchanged() {
+    let (backend, _) = spawn_raw_ws(|mut stream, head| async move {
+        let response = switching_protocols(
+            &head,
+            &[
+                ("Sec-WebSocket-Protocol", "chat.v2"),
+                (
+                    "Sec-WebSocket-Extensions",
+                    "permessage-deflate; server_no_context_takeover",
+                ),
+                ("X-Backend-Id", "node-7"),
+                ("Set-Cookie", "affinity=node-7; Path=/"),
+            ],
+        );
+        stream.write_all(response.as_bytes()).await.unwrap();
+        let _ = read_until_eof(&mut stream).await;
+    })
+    .await;
+    let proxy = start_proxy(&config(backend, "")).await;
+    let request = upgrade(
+        "/ws",
+        "chat.example.com",
+        &[
+            "Origin: https://app.example.com",
+            "Sec-WebSocket-Protocol: chat.v1, chat.v2",
+            "Sec-WebSocket-Extensions: permessage-deflate",
+        ],
+    );
+    let (head, _, stream) = exchange(proxy.addr(), &request).await;
+    assert_eq!(head.status, 101);
+    assert_eq!(
+        head.get("sec-websocket-accept"),
+        Some(accept_key(KEY).as_str())
+    );
+    assert_eq!(head.get("sec-websocket-protocol"), Some("chat.v2"));
+    assert_eq!(
+        head.get("sec-websocket-extensions"),
+        Some("permessage-deflate; server_no_context_takeover")
+    );
+    assert_eq!(head.get("x-backend-id"), Some("node-7"));
+    assert_eq!(head.get("set-cookie"), Some("affinity=node-7; Path=/"));
+    assert!(
+        head.get("upgrade")
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+    );
+    drop(stream);
+    proxy.stop().await;
+}

@@ -574,3 +574,27 @@ async fn backend_selecting_an_unoffered_subprotocol_is_502_upstream_protocol() {
     .await;
     f.proxy.stop().await;
 }
+
+#[tokio::test]
+async fn upgrade_tokens_match_case_insensitively_among_others() {
+    let mut f = fixture().await;
+    let text = request(
+        "GET /ws HTTP/1.1",
+        &[
+            HOST,
+            "Upgrade: WebSocket",
+            "Connection: keep-alive",
+            "Connection: UPGRADE",
+            &key_line(),
+            VERSION,
+            ORIGIN,
+        ],
+    );
+    let (head, _, stream) = exchange(f.proxy.addr(), &text).await;
+    assert_eq!(head.status, 101, "{:?}", head.headers);
+    let seen = f.echo.next_request().await;
+    assert_eq!(seen.all("connection"), vec!["Upgrade".to_owned()]);
+    assert_eq!(seen.one("upgrade").as_deref(), Some("WebSocket"));
+    drop(stream);
+    f.proxy.stop().await;
+}

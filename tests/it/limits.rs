@@ -70,6 +70,33 @@ async fn head_far_larger_than_max_header_bytes_is_still_431_with_reason() {
 }
 
 #[tokio::test]
+#[ignore = "bug: only the first head of a connection is read by src/head.rs; a later head larger than hyper's buffer gets hyper's bare 431 (src/server.rs)"]
+async fn huge_second_head_on_a_keep_alive_connection_is_431_with_reason() {
+    let origin = spawn_http_origin().await;
+    let proxy = start_proxy(&config(origin.addr, "max_header_bytes = 2048")).await;
+    let mut stream = connect(proxy.addr()).await;
+    stream
+        .write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut stream, "GET").await.0.status, 200);
+    let huge = "c".repeat(32 * 1024);
+    stream
+        .write_all(format!("GET /second HTTP/1.1\r\nHost: x\r\nCookie: {huge}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut stream, "GET").await;
+    assert_rejected(
+        &head,
+        &String::from_utf8_lossy(&body),
+        431,
+        "header-too-large",
+    );
+    drop(stream);
+    proxy.stop().await;
+}
+
+#[tokio::test]
 async fn slow_head_is_cut_after_header_timeout() {
     let backend = spawn_ws_echo().await;
     let proxy = start_proxy(&config(backend.addr, r#"header_timeout = "500ms""#)).await;

@@ -175,3 +175,76 @@ async fn wss_upgrade_echoes_and_forwards_https_proto() {
     drop(ws);
     f.proxy.stop().await;
 }
+
+#[tokio::test]
+async fn plaintext_and_tls_listeners_serve_side_by_side_and_survive_garbage() {
+    let mut backend = spawn_ws_echo().await;
+    let cert = test_cert(&["localhost"]);
+    let proxy = start_proxy(&format!(
+        r#"
+        [[listener]]
+        addr = "127.0.0.1:0"
+        [[listener]]
+        addr = "127.0.0.1:0"
+        tls = {{ certs = [ {{ cert = "{}", key = "{}" }} ] }}
+        [server]
+        drain_timeout = "1s"
+        [upstream.echo]
+        servers = ["{}"]
+        [[route]]
+        path = "/"
+        upstream = "echo"
+        missing_origin = "allow"
+        "#,
+        cert.cert_path.display(),
+        cert.key_path.display(),
+        backend.addr
+    ))
+    .await;
+    assert_eq!(proxy.addrs.len(), 2);
+    let (plain, tls_addr) = (proxy.addrs[0], proxy.addrs[1]);
+
+    // Garbage: plaintext HTTP to the TLS port, a TLS hello cut short, and a
+    // connection dropped at once. None of it may stop either listener.
+    let mut wrong = connect(tls_addr).await;
+    wrong
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let _ = read_until_eof(&mut wrong).await;
+    let mut cut = connect(tls_addr).await;
+    cut.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .unwrap();
+    drop(cut);
+    drop(connect(plain).await);
+
+    let (head, _, stream) = exchange(plain, &upgrade_request("/", "x", &[])).await;
+    assert_eq!(head.status, 101);
+    assert_eq!(
+        backend
+            .next_request()
+            .await
+            .one("x-forwarded-proto")
+            .as_deref(),
+        Some("http")
+    );
+    drop(stream);
+
+    let mut tls = tls_connect(tls_addr, "localhost", &cert.cert_pem).await;
+    tls.write_all(upgrade_request("/", "localhost", &[]).as_bytes())
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut tls, "GET").await;
+    assert_eq!(head.status, 101);
+    assert_eq!(
+        backend
+            .next_request()
+            .await
+            .one("x-forwarded-proto")
+            .as_deref(),
+        Some("https")
+    );
+    drop(tls);
+    proxy.stop().await;
+}

@@ -291,3 +291,35 @@ async fn traffic_keeps_an_idle_timeout_tunnel_alive() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn single_bytes_cross_without_buffering() {
+    let (backend, _) = spawn_raw_ws(|mut stream, head| async move {
+        stream
+            .write_all(switching_protocols(&head, &[]).as_bytes())
+            .await
+            .unwrap();
+        // Answer each byte with the next one: neither side writes again until
+        // it has read, so any buffering in the proxy would stall this.
+        let mut byte = [0u8; 1];
+        while stream.read_exact(&mut byte).await.is_ok() {
+            if stream.write_all(&[byte[0] + 1]).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let proxy = start_proxy(&config(backend, "")).await;
+    let (head, _, mut stream) = exchange(proxy.addr(), &upgrade_request("/", "x", &[])).await;
+    assert_eq!(head.status, 101);
+    for value in (0u8..40).step_by(2) {
+        stream.write_all(&[value]).await.unwrap();
+        let mut byte = [0u8; 1];
+        within("one byte back", stream.read_exact(&mut byte))
+            .await
+            .unwrap();
+        assert_eq!(byte[0], value + 1);
+    }
+    drop(stream);
+    proxy.stop().await;
+}

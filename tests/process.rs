@@ -1,0 +1,240 @@
+//! The real binary as a real process: `wsgate run`, SIGHUP reloads (good and
+//! bad), SIGTERM drain. Listeners bind port 0; the test learns the ports from
+//! the "listening" log lines.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+/// A running `wsgate run` whose stderr lines are collected on a channel.
+struct Wsgate {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Wsgate {
+    fn start(config: &std::path::Path) -> Wsgate {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .args(["run", "-c"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Wsgate {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (with a deadline) for a log line containing `needle`.
+    fn wait_for_line(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no log line containing {needle:?}; saw:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    fn listening_addr(&mut self) -> SocketAddr {
+        let line = self.wait_for_line("listening");
+        let addr = line
+            .split("addr=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap();
+        addr.parse().unwrap()
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    fn wait_exit(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "wsgate did not exit in time");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Wsgate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config_text(backend: SocketAddr, origin: &str, drain: &str) -> String {
+    format!(
+        r#"
+[[listener]]
+addr = "127.0.0.1:0"
+
+[server]
+drain_timeout = "{drain}"
+
+[upstream.echo]
+servers = ["{backend}"]
+
+[[route]]
+path = "/ws"
+upstream = "echo"
+origins = ["{origin}"]
+"#
+    )
+}
+
+async fn handshake_status(addr: SocketAddr, origin: &str) -> u16 {
+    match ws_connect(addr, "/ws", &[("Origin", origin)]).await {
+        Ok((mut ws, response)) => {
+            let _ = ws.close(None).await;
+            response.status().as_u16()
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(error) => panic!("handshake failed without a status: {error}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_a_good_config_refuses_a_bad_one_and_keeps_tunnels() {
+    let backend = spawn_ws_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wsgate.toml");
+    std::fs::write(
+        &path,
+        config_text(backend.addr, "https://old.example.com", "5s"),
+    )
+    .unwrap();
+    let mut wsgate = Wsgate::start(&path);
+    let addr = wsgate.listening_addr();
+
+    assert_eq!(handshake_status(addr, "https://old.example.com").await, 101);
+    let (mut established, _) = ws_connect(addr, "/ws", &[("Origin", "https://old.example.com")])
+        .await
+        .unwrap();
+
+    std::fs::write(
+        &path,
+        config_text(backend.addr, "https://new.example.com", "5s"),
+    )
+    .unwrap();
+    wsgate.signal("HUP");
+    wsgate.wait_for_line("configuration reloaded");
+    assert_eq!(handshake_status(addr, "https://new.example.com").await, 101);
+    assert_eq!(handshake_status(addr, "https://old.example.com").await, 403);
+
+    // A broken file must not take the running config down.
+    std::fs::write(
+        &path,
+        "[[listener]]\naddr = \"127.0.0.1:0\"\ntypo_key = true\n",
+    )
+    .unwrap();
+    wsgate.signal("HUP");
+    let refused = wsgate.wait_for_line("reload refused");
+    assert!(refused.contains("typo_key"), "{refused}");
+    assert_eq!(handshake_status(addr, "https://new.example.com").await, 101);
+
+    // The tunnel opened before both reloads still works.
+    established.send(Message::text("still here")).await.unwrap();
+    let echoed = within("echo on the old tunnel", established.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(echoed, Message::text("still here"));
+    established.close(None).await.unwrap();
+    drop(established);
+
+    wsgate.signal("TERM");
+    assert_eq!(wsgate.wait_exit(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_tunnels_then_cuts_them_after_drain_timeout() {
+    let backend = spawn_ws_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wsgate.toml");
+    std::fs::write(
+        &path,
+        config_text(backend.addr, "https://app.example.com", "700ms"),
+    )
+    .unwrap();
+    let mut wsgate = Wsgate::start(&path);
+    let addr = wsgate.listening_addr();
+    let (mut tunnel, _) = ws_connect(addr, "/ws", &[("Origin", "https://app.example.com")])
+        .await
+        .unwrap();
+
+    let signalled = Instant::now();
+    wsgate.signal("TERM");
+    wsgate.wait_for_line("shutting down");
+    // During the drain the tunnel keeps working…
+    tunnel.send(Message::text("during drain")).await.unwrap();
+    let echoed = within("echo during drain", tunnel.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(echoed, Message::text("during drain"));
+    // …and new connections are no longer accepted.
+    let refused = tokio::net::TcpStream::connect(addr).await;
+    assert!(
+        refused.is_err(),
+        "a new connection was accepted while draining"
+    );
+    // Then it is cut once drain_timeout has passed.
+    loop {
+        match within("the tunnel to be cut", tunnel.next()).await {
+            None | Some(Err(_)) => break,
+            Some(Ok(_)) => continue,
+        }
+    }
+    let elapsed = signalled.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(600),
+        "cut after only {elapsed:?}"
+    );
+    assert_eq!(wsgate.wait_exit(), Some(0));
+}
