@@ -59,7 +59,8 @@ pub enum Rejection {
     /// and the headers a client acts on (`WWW-Authenticate`, `Content-Type`, `Location`).
     AuthDenied {
         status: StatusCode,
-        headers: http::HeaderMap,
+        /// Boxed: rare, and it would make every `Result<_, Rejection>` large.
+        headers: Box<http::HeaderMap>,
         body: Bytes,
     },
     AuthUnavailable {
@@ -196,7 +197,7 @@ impl Rejection {
             Rejection::AuthDenied {
                 headers: relayed, ..
             } => {
-                for (name, value) in &relayed {
+                for (name, value) in relayed.iter() {
                     headers.append(name, value.clone());
                 }
             }
@@ -288,7 +289,7 @@ mod tests {
         );
         let response = Rejection::AuthDenied {
             status: StatusCode::UNAUTHORIZED,
-            headers: relayed,
+            headers: Box::new(relayed),
             body: Bytes::from_static(b"{\"login\":\"/sso\"}"),
         }
         .into_response();

@@ -144,7 +144,7 @@ impl ForwardAuth {
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return Err(Rejection::AuthDenied {
                 status,
-                headers: relayed,
+                headers: Box::new(relayed),
                 body: body.unwrap_or_default(),
             });
         }

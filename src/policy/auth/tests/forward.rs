@@ -184,7 +184,7 @@ async fn a_401_or_403_is_relayed_with_its_body() {
         let rejection = policy.check(&client_request()).await.unwrap_err();
         let expected = Rejection::AuthDenied {
             status: StatusCode::from_u16(status).unwrap(),
-            headers: http::HeaderMap::new(),
+            headers: Box::default(),
             body: Bytes::from_static(body.as_bytes()),
         };
         assert_eq!(rejection, expected);
