@@ -1,6 +1,6 @@
 //! Micro-benchmarks for the work wsgate does per upgrade request before a
 //! byte reaches the backend: route choice, origin matching, client-IP
-//! resolution and header rewriting.
+//! resolution, header rewriting and JWT verification.
 //!
 //! These are pure functions, so the numbers are the CPU cost of the policy
 //! layer alone; `benches/compare.py` measures the whole handshake (TCP, TLS,
@@ -13,12 +13,16 @@
 use std::hint::black_box;
 use std::net::IpAddr;
 use std::path::Path;
+use std::pin::pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use wsgate::config::RouteConfig;
 use wsgate::headers::{self, Hop};
 use wsgate::policy::origin::{self, OriginPattern};
@@ -267,6 +271,98 @@ fn bench_headers(c: &mut Criterion) {
     group.finish();
 }
 
+/// A route whose `[route.auth]` verifies JWTs with `key_line`, plus the
+/// scope check and one forwarded claim, as a typical deployment would.
+fn auth_route(dir: &Path, key_line: &str) -> Arc<RouteConfig> {
+    let text = format!(
+        "[[listener]]\naddr = \"127.0.0.1:0\"\n\
+         [upstream.chat]\nservers = [\"127.0.0.1:9000\"]\n\
+         [[route]]\npath = \"/ws\"\nupstream = \"chat\"\nmissing_origin = \"allow\"\n\
+         [route.auth]\n{key_line}\ntoken_query = \"token\"\nrequired_scope = \"chat\"\n\
+         forward_claims = {{ sub = \"X-User-Id\" }}\n"
+    );
+    let config = wsgate::Config::parse(&text, dir)
+        .unwrap_or_else(|problems| panic!("bench auth config: {problems:?}"));
+    config.routes[0].clone()
+}
+
+fn token(algorithm: Algorithm, key: &EncodingKey) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
+    let claims = serde_json::json!({
+        "sub": "user-42",
+        "scope": "read chat",
+        "iat": now,
+        "exp": now + 24 * 3600,
+    });
+    jsonwebtoken::encode(&Header::new(algorithm), &claims, key).expect("token encodes")
+}
+
+/// The request head as the proxy sees it, token in `Authorization: Bearer`.
+fn request_with(token: &str) -> Parts {
+    http::Request::builder()
+        .uri("/ws/room/42")
+        .header("host", "chat.example.com")
+        .header("authorization", format!("Bearer {token}"))
+        .body(())
+        .expect("valid request")
+        .into_parts()
+        .0
+}
+
+/// `AuthPolicy::check` is async for forward auth only; the JWT path never
+/// awaits, so one poll finishes it and no runtime is timed along with it.
+fn poll_once<F: Future>(future: F) -> F::Output {
+    match pin!(future).poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(output) => output,
+        Poll::Pending => panic!("the JWT check awaited something"),
+    }
+}
+
+fn bench_jwt(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("temp dir");
+
+    let secret = b"0123456789abcdef0123456789abcdef-bench-only";
+    std::fs::write(dir.path().join("hs256.secret"), secret).expect("write secret");
+    let hs_route = auth_route(dir.path(), "jwt_secret_file = \"hs256.secret\"");
+    let hs_token = token(Algorithm::HS256, &EncodingKey::from_secret(secret));
+
+    let es_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("P-256 key");
+    std::fs::write(dir.path().join("es256.pub.pem"), es_key.public_key_pem())
+        .expect("write public key");
+    let es_route = auth_route(dir.path(), "jwt_public_key = \"es256.pub.pem\"");
+    let es_token = token(
+        Algorithm::ES256,
+        &EncodingKey::from_ec_pem(es_key.serialize_pem().as_bytes()).expect("EC signing key"),
+    );
+
+    // A token whose last signature character is changed: fails after all the parsing.
+    let mut forged = hs_token.clone();
+    let last = forged.pop().expect("non-empty token");
+    forged.push(if last == 'A' { 'B' } else { 'A' });
+
+    let mut group = c.benchmark_group("jwt");
+    for (name, route, token, should_pass) in [
+        ("hs256_valid", &hs_route, &hs_token, true),
+        ("hs256_bad_signature", &hs_route, &forged, false),
+        ("es256_valid", &es_route, &es_token, true),
+    ] {
+        let policy = route.auth.as_ref().expect("route has auth");
+        let parts = request_with(token);
+        assert_eq!(
+            poll_once(policy.check(&parts)).is_ok(),
+            should_pass,
+            "{name}"
+        );
+        group.bench_function(name, |b| {
+            b.iter(|| poll_once(policy.check(black_box(&parts))).is_ok())
+        });
+    }
+    group.finish();
+}
+
 fn config() -> Criterion {
     // Short windows: these functions run in nanoseconds, so 2 s gives
     // millions of samples and the whole suite stays around a minute.
@@ -279,6 +375,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = handshake_path;
     config = config();
-    targets = bench_router, bench_origin, bench_headers
+    targets = bench_router, bench_origin, bench_headers, bench_jwt
 }
 criterion_main!(handshake_path);

@@ -71,8 +71,13 @@ pub fn check_shape(
         (None, _) => Err(Rejection::BadHandshake {
             detail: "Sec-WebSocket-Version is missing",
         }),
+        // RFC 6455 §4.1: the client sends the header once; repeating it is a
+        // malformed handshake, not an unsupported version.
+        (Some(_), Some(_)) => Err(Rejection::BadHandshake {
+            detail: "Sec-WebSocket-Version must appear once",
+        }),
         (Some(version), None) if version.as_bytes() == b"13" => Ok(()),
-        (Some(version), _) => Err(Rejection::BadVersion {
+        (Some(version), None) => Err(Rejection::BadVersion {
             version: String::from_utf8_lossy(version.as_bytes()).into_owned(),
         }),
     }

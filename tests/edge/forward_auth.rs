@@ -12,13 +12,14 @@ struct Setup {
     backend: WsBackend,
     plain: HyperServer,
     proxy: TestProxy,
+    _down: tokio::net::TcpSocket,
 }
 
 async fn setup() -> Setup {
     let auth = spawn_auth_service().await;
     let backend = spawn_ws_echo().await;
     let plain = spawn_plain_backend().await;
-    let down = dead_port().await;
+    let (down_socket, down) = refusing_port();
     let toml = format!(
         r#"
         [[listener]]
@@ -72,13 +73,17 @@ async fn setup() -> Setup {
         backend,
         plain,
         proxy,
+        _down: down_socket,
     }
 }
 
-/// A loopback address nothing listens on.
-async fn dead_port() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap()
+/// A loopback port that refuses connections: bound but not listening, and
+/// held for the whole test so no parallel test can take it over.
+fn refusing_port() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (socket, addr)
 }
 
 #[tokio::test]
@@ -125,13 +130,20 @@ async fn forward_auth_allow_copies_listed_headers_and_sees_the_clients_credentia
 
     let seen = setup.backend.next_request().await;
     assert_eq!(seen.uri, "/fa/room?case=allow&x=1");
-    assert_eq!(seen.all("x-user"), ["alice"], "only the auth service's X-User");
+    assert_eq!(
+        seen.all("x-user"),
+        ["alice"],
+        "only the auth service's X-User"
+    );
     assert_eq!(
         seen.all("x-other"),
         ["client-value"],
         "unlisted auth headers are not copied"
     );
-    assert_eq!(seen.one("cookie").as_deref(), Some("sid=abc123; theme=dark"));
+    assert_eq!(
+        seen.one("cookie").as_deref(),
+        Some("sid=abc123; theme=dark")
+    );
 
     // A 2xx without X-User: the client's copy still never passes.
     let (head, _) = upgrade(addr, "/fa?case=anon", &[("X-User", "mallory")]).await;
@@ -172,15 +184,21 @@ async fn forward_auth_401_and_403_are_relayed_with_their_bodies() {
         assert_eq!(head.status, status, "{case}: {:?}", head.headers);
         assert_eq!(header_values(&head, "wsgate-reason"), ["auth-denied"]);
         assert_eq!(body, body_text, "{case}");
+        let challenge: &[&str] = if status == 401 {
+            &["Cookie realm=\"app\""]
+        } else {
+            &[]
+        };
+        assert_eq!(
+            header_values(&head, "www-authenticate"),
+            challenge,
+            "{case}: the auth service's challenge is relayed"
+        );
         let asked = setup.auth.next_request().await;
         assert_eq!(asked.one("cookie").as_deref(), Some("sid=expired"));
     }
     // Plain HTTP is relayed the same way.
-    let (head, body, _) = send(
-        addr,
-        &plain_request("GET", "/fa-plain?case=deny403", &[]),
-    )
-    .await;
+    let (head, body, _) = send(addr, &plain_request("GET", "/fa-plain?case=deny403", &[])).await;
     assert_eq!((head.status, body.as_str()), (403, "not your room"));
     assert_eq!(header_values(&head, "wsgate-reason"), ["auth-denied"]);
     setup.auth.next_request().await;

@@ -39,7 +39,12 @@ fn config(listener: &str, backend: SocketAddr, server_extra: &str) -> String {
 }
 
 /// Expects a 101 and returns what the backend saw.
-async fn allowed(addr: SocketAddr, backend: &mut WsBackend, path: &str, extra: &[(&str, &str)]) -> SeenRequest {
+async fn allowed(
+    addr: SocketAddr,
+    backend: &mut WsBackend,
+    path: &str,
+    extra: &[(&str, &str)],
+) -> SeenRequest {
     let (head, body) = upgrade(addr, path, extra).await;
     assert_eq!(head.status, 101, "{path} {extra:?}: {body}");
     backend.next_request().await
@@ -63,7 +68,13 @@ async fn ip_allow_and_deny_lists_for_an_ipv4_client() {
         let seen = allowed(addr, &mut backend, path, &[]).await;
         assert_eq!(seen.one("x-real-ip").as_deref(), Some("127.0.0.1"));
     }
-    for path in ["/ten", "/loopback6", "/allow-then-deny", "/deny-loopback", "/doc"] {
+    for path in [
+        "/ten",
+        "/loopback6",
+        "/allow-then-deny",
+        "/deny-loopback",
+        "/doc",
+    ] {
         forbidden(addr, path, &[], "127.0.0.1").await;
     }
     // Plain HTTP is held to the same list (and never reaches the backend).
@@ -85,7 +96,13 @@ async fn ip_allow_and_deny_lists_for_an_ipv6_client() {
     let proxy = start_proxy(&config("[::1]:0", backend.addr, "")).await;
     let addr = proxy.addr();
     assert!(addr.is_ipv6());
-    for path in ["/open", "/loopback6", "/any", "/deny-only", "/deny-loopback"] {
+    for path in [
+        "/open",
+        "/loopback6",
+        "/any",
+        "/deny-only",
+        "/deny-loopback",
+    ] {
         let seen = allowed(addr, &mut backend, path, &[]).await;
         assert_eq!(seen.one("x-real-ip").as_deref(), Some("::1"));
         assert_eq!(seen.one("x-forwarded-for").as_deref(), Some("::1"));
@@ -118,7 +135,9 @@ async fn ip_v4_mapped_peer_is_compared_as_ipv4() {
     match mapped {
         Some(std::net::IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_some() => {}
         other => {
-            println!("note: [::]:0 is not dual-stack here (peer {other:?}); skipping the v4-mapped test");
+            println!(
+                "note: [::]:0 is not dual-stack here (peer {other:?}); skipping the v4-mapped test"
+            );
             return;
         }
     }
@@ -164,7 +183,13 @@ async fn ip_from_a_trusted_proxys_x_forwarded_for_is_the_client_ip() {
     .await;
     let addr = proxy.addr();
 
-    let seen = allowed(addr, &mut backend, "/doc", &[("X-Forwarded-For", "203.0.113.9")]).await;
+    let seen = allowed(
+        addr,
+        &mut backend,
+        "/doc",
+        &[("X-Forwarded-For", "203.0.113.9")],
+    )
+    .await;
     assert_eq!(seen.one("x-real-ip").as_deref(), Some("203.0.113.9"));
     assert_eq!(
         seen.one("x-forwarded-for").as_deref(),
@@ -182,7 +207,13 @@ async fn ip_from_a_trusted_proxys_x_forwarded_for_is_the_client_ip() {
     let spoof = [("X-Forwarded-For", "203.0.113.9, 198.51.100.1")];
     forbidden(addr, "/doc", &spoof, "198.51.100.1").await;
     // deny_ips applies to the forwarded client as well.
-    forbidden(addr, "/doc-denied", &[("X-Forwarded-For", "203.0.113.9")], "203.0.113.9").await;
+    forbidden(
+        addr,
+        "/doc-denied",
+        &[("X-Forwarded-For", "203.0.113.9")],
+        "203.0.113.9",
+    )
+    .await;
     // Without the header the trusted peer is the client.
     forbidden(addr, "/doc", &[], "127.0.0.1").await;
     assert_backend_idle(&mut backend);

@@ -132,7 +132,10 @@ fn assert_token_invalid(label: &str, head: &Head, body: &str, token: &str, detai
     );
     assert!(!body.contains(token), "{label}: body echoes the token");
     if let Some(signature) = token.rsplit('.').next().filter(|s| s.len() > 8) {
-        assert!(!body.contains(signature), "{label}: body echoes the signature");
+        assert!(
+            !body.contains(signature),
+            "{label}: body echoes the signature"
+        );
     }
 }
 
@@ -211,7 +214,13 @@ async fn jwt_query_beats_cookie_beats_header() {
         &[("Cookie", &bad_cookie), ("Authorization", &bearer)],
     )
     .await;
-    assert_token_invalid("bad cookie, good header", &head, &body, &forged, "signature");
+    assert_token_invalid(
+        "bad cookie, good header",
+        &head,
+        &body,
+        &forged,
+        "signature",
+    );
 
     // A good query token wins over a bad cookie.
     let (head, _) = upgrade(
@@ -264,7 +273,11 @@ async fn jwt_every_invalid_token_is_401_token_invalid_and_never_echoed() {
         ),
         (
             "bad signature",
-            sign_hs(Algorithm::HS256, b"someone else's secret", &good_claims(sub)),
+            sign_hs(
+                Algorithm::HS256,
+                b"someone else's secret",
+                &good_claims(sub),
+            ),
             "signature is invalid",
         ),
         (
@@ -295,10 +308,7 @@ async fn jwt_every_invalid_token_is_401_token_invalid_and_never_echoed() {
         ),
         (
             "wrong issuer",
-            keys.hs(&claims_with(
-                sub,
-                json!({ "iss": "https://evil.example" }),
-            )),
+            keys.hs(&claims_with(sub, json!({ "iss": "https://evil.example" }))),
             "issuer",
         ),
         (
@@ -325,7 +335,11 @@ async fn jwt_every_invalid_token_is_401_token_invalid_and_never_echoed() {
     for (label, token, detail) in &cases {
         for (place, path, extra) in [
             ("query", format!("/hs?token={token}"), None),
-            ("cookie", "/hs".to_owned(), Some(("Cookie", format!("session={token}")))),
+            (
+                "cookie",
+                "/hs".to_owned(),
+                Some(("Cookie", format!("session={token}"))),
+            ),
             (
                 "header",
                 "/hs".to_owned(),
@@ -349,7 +363,12 @@ async fn jwt_every_invalid_token_is_401_token_invalid_and_never_echoed() {
     .await;
     assert_eq!(head.status, 101, "a token within the leeway is accepted");
     assert_eq!(
-        setup.backend.next_request().await.one("x-user-id").as_deref(),
+        setup
+            .backend
+            .next_request()
+            .await
+            .one("x-user-id")
+            .as_deref(),
         Some("late")
     );
     assert_backend_idle(&mut setup.backend);
@@ -418,7 +437,10 @@ async fn jwt_public_keys_pin_the_algorithm_and_refuse_confusion() {
         (
             "expired ES256",
             "/es",
-            keys.es(&claims_with("pk-user", json!({ "exp": now() - 3600 })), None),
+            keys.es(
+                &claims_with("pk-user", json!({ "exp": now() - 3600 })),
+                None,
+            ),
             "expired",
         ),
     ];
@@ -500,9 +522,15 @@ async fn jwt_without_the_required_scope_is_403_scope_missing() {
     let addr = setup.proxy.addr();
     for (label, changes) in [
         ("other scopes", json!({ "scope": "read write" })),
-        ("a scope that only starts with it", json!({ "scope": "chatty" })),
+        (
+            "a scope that only starts with it",
+            json!({ "scope": "chatty" }),
+        ),
         ("no scope at all", json!({ "scope": null })),
-        ("scp array without it", json!({ "scope": null, "scp": ["read"] })),
+        (
+            "scp array without it",
+            json!({ "scope": null, "scp": ["read"] }),
+        ),
     ] {
         let token = keys.hs(&claims_with("no-scope", changes));
         let (head, body) = upgrade(addr, &format!("/hs?token={token}"), &[]).await;
@@ -516,7 +544,10 @@ async fn jwt_without_the_required_scope_is_403_scope_missing() {
     }
     for (label, changes) in [
         ("scope string", json!({ "scope": "chat" })),
-        ("scp array", json!({ "scope": null, "scp": ["read", "chat"] })),
+        (
+            "scp array",
+            json!({ "scope": null, "scp": ["read", "chat"] }),
+        ),
     ] {
         let token = keys.hs(&claims_with("scoped", changes));
         let (head, body) = upgrade(addr, &format!("/hs?token={token}"), &[]).await;
@@ -613,9 +644,15 @@ async fn jwt_strip_token_removes_only_the_token_parameter() {
     let token = keys.hs(&good_claims("s"));
 
     let cases = [
-        (format!("/strip?a=1&token={token}&b=%2F+x&c"), "/strip?a=1&b=%2F+x&c"),
+        (
+            format!("/strip?a=1&token={token}&b=%2F+x&c"),
+            "/strip?a=1&b=%2F+x&c",
+        ),
         (format!("/strip/room?token={token}"), "/strip/room"),
-        (format!("/strip?token={token}&tokens=keep"), "/strip?tokens=keep"),
+        (
+            format!("/strip?token={token}&tokens=keep"),
+            "/strip?tokens=keep",
+        ),
     ];
     for (path, expected) in &cases {
         let (head, _) = upgrade(addr, path, &[]).await;

@@ -346,12 +346,13 @@ where
             let tx = tx.clone();
             let answer = answer.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
-                    let report = seen(&request);
-                    let _ = tx.send(report.clone());
-                    let answer = answer.clone();
-                    async move { Ok::<_, Infallible>(answer(report).await) }
-                });
+                let service =
+                    hyper::service::service_fn(move |request: http::Request<Incoming>| {
+                        let report = seen(&request);
+                        let _ = tx.send(report.clone());
+                        let answer = answer.clone();
+                        async move { Ok::<_, Infallible>(answer(report).await) }
+                    });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                     .await;

@@ -598,3 +598,63 @@ async fn upgrade_tokens_match_case_insensitively_among_others() {
     drop(stream);
     f.proxy.stop().await;
 }
+
+#[tokio::test]
+async fn repeated_version_header_is_400_bad_handshake() {
+    let f = fixture().await;
+    let text = request(
+        "GET /ws HTTP/1.1",
+        &[
+            HOST,
+            UPGRADE,
+            CONNECTION,
+            &key_line(),
+            VERSION,
+            VERSION,
+            ORIGIN,
+        ],
+    );
+    reject(f.proxy.addr(), &text, 400, "bad-handshake").await;
+    f.proxy.stop().await;
+}
+
+/// A proxy whose only route goes to a raw backend answering `response`.
+async fn proxy_to_raw(response: &'static [u8]) -> TestProxy {
+    let (backend, _) = spawn_raw_backend(response).await;
+    start_proxy(&format!(
+        r#"
+        [[listener]]
+        addr = "127.0.0.1:0"
+        [server]
+        drain_timeout = "1s"
+        [upstream.raw]
+        servers = ["{backend}"]
+        [[route]]
+        path = "/"
+        upstream = "raw"
+        missing_origin = "allow"
+        "#
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn backend_closing_or_answering_garbage_is_502_upstream_unavailable() {
+    for response in [&b""[..], b"SSH-2.0-OpenSSH_9.6\r\n"] {
+        let proxy = proxy_to_raw(response).await;
+        let (head, body, _) = exchange(proxy.addr(), &upgrade_request("/", "x", &[])).await;
+        assert_rejected(&head, &body, 502, "upstream-unavailable");
+        proxy.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn backend_101_to_something_else_is_502_upstream_protocol() {
+    let proxy = proxy_to_raw(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+    )
+    .await;
+    let (head, body, _) = exchange(proxy.addr(), &upgrade_request("/", "x", &[])).await;
+    assert_rejected(&head, &body, 502, "upstream-protocol");
+    proxy.stop().await;
+}

@@ -39,6 +39,11 @@ async fn rejection_is_logged_once_with_its_facts_and_no_token() {
         .with_writer(move || writer.clone())
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
+    // With a single scoped subscriber alive, tracing-core computes a new
+    // callsite's interest from the registering thread's own default, so a
+    // callsite first hit by another test's thread would be cached as "never".
+    // A second live dispatcher makes it combine all of them instead.
+    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
 
     let backend = spawn_ws_echo().await;
     let proxy = start_proxy(&format!(
@@ -63,6 +68,9 @@ async fn rejection_is_logged_once_with_its_facts_and_no_token() {
         "x",
         &[("Origin", "https://evil.test")],
     );
+    // Other tests' threads may have registered the proxy's callsites while
+    // no subscriber wanted them; re-ask every callsite now that ours exists.
+    tracing::callsite::rebuild_interest_cache();
     let (head, body, _) = exchange(proxy.addr(), &request).await;
     assert_rejected(&head, &body, 403, "origin-forbidden");
     proxy.stop().await;

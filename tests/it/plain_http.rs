@@ -314,3 +314,67 @@ async fn bodies_stream_without_waiting_for_the_end() {
     drop(stream);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_stripped_from_responses_and_keep_alive_survives() {
+    let (backend, mut heads) = spawn_raw_backend(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close, X-Internal\r\nX-Internal: secret\r\n\
+          Keep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\nX-Public: yes\r\n\r\nok",
+    )
+    .await;
+    let proxy = start_proxy(&format!(
+        r#"
+        [[listener]]
+        addr = "127.0.0.1:0"
+        [upstream.raw]
+        servers = ["{backend}"]
+        [[route]]
+        path = "/"
+        upstream = "raw"
+        "#
+    ))
+    .await;
+    let mut stream = connect(proxy.addr()).await;
+    for round in 0..2 {
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = read_response(&mut stream, "GET").await;
+        assert_eq!(head.status, 200, "round {round}");
+        assert_eq!(body, b"ok");
+        assert_eq!(head.get("x-public"), Some("yes"));
+        for gone in ["x-internal", "keep-alive", "proxy-authenticate"] {
+            assert_eq!(head.get(gone), None, "{gone} reached the client");
+        }
+        assert!(
+            head.get("connection")
+                .is_none_or(|v| !v.to_ascii_lowercase().contains("close")),
+            "{:?}",
+            head.headers
+        );
+        within("backend head", heads.recv()).await.unwrap();
+    }
+    drop(stream);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn content_length_beside_chunked_cannot_smuggle_a_request() {
+    let (proxy, mut origin) = setup().await;
+    // CL.TE: a proxy trusting Content-Length would pass "0\r\n\r\nGET /smuggled…"
+    // as the start of a second request.
+    let request = "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n\
+                   5\r\nhello\r\n0\r\n\r\n";
+    let (head, body, _) = exchange(proxy.addr(), request).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(body, "hello");
+    let seen = origin.next_request().await;
+    assert_eq!(seen.uri, "/a");
+    assert_ne!(seen.one("content-length").as_deref(), Some("4"));
+    assert!(
+        origin.seen.try_recv().is_err(),
+        "a second request reached the origin"
+    );
+    proxy.stop().await;
+}

@@ -323,3 +323,32 @@ async fn single_bytes_cross_without_buffering() {
     drop(stream);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn bytes_sent_right_behind_either_head_are_not_lost() {
+    // The backend writes its 101 and its first frame in one write.
+    let (backend, _) = spawn_raw_ws(|mut stream, head| async move {
+        let mut answer = switching_protocols(&head, &[]).into_bytes();
+        answer.extend_from_slice(&ws_frame(0x81, b"welcome", None));
+        stream.write_all(&answer).await.unwrap();
+        let frame = read_frame(&mut stream).await;
+        stream
+            .write_all(&ws_frame(0x81, &frame.payload, None))
+            .await
+            .unwrap();
+        let _ = read_until_eof(&mut stream).await;
+    })
+    .await;
+    let proxy = start_proxy(&config(backend, "")).await;
+    let mut stream = connect(proxy.addr()).await;
+    // The client pipelines its first frame behind the upgrade request.
+    let mut request = upgrade_request("/", "x", &[]).into_bytes();
+    request.extend_from_slice(&ws_frame(0x81, b"early bird", Some([9, 8, 7, 6])));
+    stream.write_all(&request).await.unwrap();
+    let (head, _) = read_response(&mut stream, "GET").await;
+    assert_eq!(head.status, 101);
+    assert_eq!(read_frame(&mut stream).await.payload, b"welcome");
+    assert_eq!(read_frame(&mut stream).await.payload, b"early bird");
+    drop(stream);
+    proxy.stop().await;
+}
