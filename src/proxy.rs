@@ -230,6 +230,15 @@ async fn handle_inner(
             );
         }
     }
+    let hop = Hop {
+        peer,
+        peer_trusted,
+        client_ip: facts.client_ip,
+        tls: conn.tls,
+    };
+    // Rewritten before the auth check: a forward-auth service must judge the
+    // forwarding headers we vouch for, never ones an untrusted client forged.
+    rewrite_request_head(&mut parts, &hop, facts.upgrade);
     let grant = match &config.auth {
         Some(auth) => Some(auth.check(&parts).await?),
         None => None,
@@ -239,14 +248,6 @@ async fn handle_inner(
     } else {
         None
     };
-
-    let hop = Hop {
-        peer,
-        peer_trusted,
-        client_ip: facts.client_ip,
-        tls: conn.tls,
-    };
-    rewrite_request_head(&mut parts, &hop, facts.upgrade);
     if let Some(auth) = &config.auth {
         // Identity headers are ours to set: a client's own copy is a forgery.
         auth.strip_spoofable(&mut parts.headers);

@@ -437,9 +437,12 @@ where
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(server.header_timeout)
-        // hyper refuses a head larger than its buffer with a bare 431; keep the
-        // buffer above the limit so our own check answers with the reason.
-        .max_buf_size((server.max_header_bytes + 8192).max(8192))
+        // hyper refuses a head larger than its buffer with a bare 431 (no
+        // reason). The first head of a connection is read by `head.rs`; for
+        // later keep-alive heads, a buffer well above the limit lets the
+        // proxy's own check answer instead. The buffer grows only as bytes
+        // arrive, so the cap costs nothing for ordinary requests.
+        .max_buf_size((server.max_header_bytes * 4).max(64 * 1024))
         .max_headers(512)
         .preserve_header_case(true)
         .keep_alive(true);

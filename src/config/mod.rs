@@ -5,6 +5,7 @@
 //! TOML key path, so `wsgate check` can list them all at once. The engine only
 //! ever sees [`Config`], never TOML.
 
+mod keys;
 mod raw;
 
 use std::collections::BTreeMap;
@@ -113,13 +114,24 @@ impl Problems {
     }
 }
 
-/// Accepts `10.0.0.0/8` and a bare address (a /32 or /128).
+/// Accepts `10.0.0.0/8` and a bare address (a /32 or /128). An IPv4-mapped
+/// IPv6 block (`::ffff:10.0.0.0/104`) becomes its IPv4 block, because client
+/// addresses are compared in their IPv4 form; kept as IPv6 it would never match.
 fn parse_cidr(text: &str) -> Option<IpNet> {
     let text = text.trim();
-    text.parse::<IpNet>()
+    let net = text
+        .parse::<IpNet>()
         .ok()
-        .or_else(|| text.parse::<std::net::IpAddr>().ok().map(IpNet::from))
-        .map(|net| net.trunc())
+        .or_else(|| text.parse::<std::net::IpAddr>().ok().map(IpNet::from))?
+        .trunc();
+    if let IpNet::V6(v6) = net {
+        if let (Some(v4), true) = (v6.addr().to_ipv4_mapped(), v6.prefix_len() >= 96) {
+            return ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .ok()
+                .map(IpNet::V4);
+        }
+    }
+    Some(net)
 }
 
 /// The validated configuration the engine runs on.
@@ -247,8 +259,8 @@ impl Config {
 
     /// Parses and validates config text; `base` is the folder relative paths start from.
     pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
-        let raw = parse_raw(text)?;
-        let mut problems = Problems { list: Vec::new() };
+        let (raw, unknown_keys) = parse_raw(text)?;
+        let mut problems = Problems { list: unknown_keys };
         let config = validate(raw, base, &mut problems);
         if problems.list.is_empty() {
             Ok(config)
@@ -258,14 +270,31 @@ impl Config {
     }
 }
 
-fn parse_raw(text: &str) -> Result<raw::RawConfig, Vec<Problem>> {
+/// Structural problems stop parsing (nothing sensible can be validated after
+/// a type error); unknown keys do not, so they are returned beside the config.
+fn parse_raw(text: &str) -> Result<(raw::RawConfig, Vec<Problem>), Vec<Problem>> {
     let deserializer = toml::Deserializer::parse(text)
         .map_err(|error| vec![toml_problem(text, String::new(), &error)])?;
-    serde_path_to_error::deserialize(deserializer).map_err(|error| {
+    let mut unknown = Vec::new();
+    let mut record = |path: serde_ignored::Path<'_>| unknown.push(keys::steps(&path));
+    let raw = serde_path_to_error::deserialize(serde_ignored::Deserializer::new(
+        deserializer,
+        &mut record,
+    ))
+    .map_err(|error| {
         let key = error.path().to_string();
         let key = if key == "." { String::new() } else { key };
         vec![toml_problem(text, key, error.inner())]
-    })
+    })?;
+    let problems = unknown
+        .iter()
+        .map(|steps| Problem {
+            key: keys::display(steps),
+            line: keys::line_of(text, steps),
+            message: "unknown key (a typo?); see proxy.toml or the README for the keys this section takes".to_owned(),
+        })
+        .collect();
+    Ok((raw, problems))
 }
 
 fn toml_problem(text: &str, key: String, error: &toml::de::Error) -> Problem {
@@ -686,5 +715,22 @@ fn check_duplicate_routes(routes: &[Arc<RouteConfig>], problems: &mut Problems) 
                 format!("same host and path as route[{earlier}], so it could never be chosen"),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_mapped_blocks_become_ipv4_blocks() {
+        assert_eq!(
+            parse_cidr("::ffff:127.0.0.0/104"),
+            "127.0.0.0/8".parse().ok()
+        );
+        assert_eq!(parse_cidr("::ffff:10.1.2.3"), "10.1.2.3/32".parse().ok());
+        assert_eq!(parse_cidr("::1"), "::1/128".parse().ok());
+        assert_eq!(parse_cidr("10.9.9.9/8"), "10.0.0.0/8".parse().ok());
+        assert_eq!(parse_cidr("::/0"), "::/0".parse().ok());
     }
 }

@@ -1,13 +1,13 @@
 //! The config file exactly as serde reads it: strings where the engine wants
 //! parsed types, so that every value can be validated with its key path.
-//! `deny_unknown_fields` everywhere, because an unknown key is a typo.
+//! Unknown keys are typos and are refused, but not here: serde would stop at
+//! the first one, so [`super::keys`] collects them all while deserialising.
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawConfig {
     #[serde(default)]
     pub listener: Vec<RawListener>,
@@ -21,7 +21,6 @@ pub struct RawConfig {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawListener {
     pub addr: String,
     pub tls: Option<RawTls>,
@@ -30,20 +29,17 @@ pub struct RawListener {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawTls {
     pub certs: Vec<RawCert>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawCert {
     pub cert: String,
     pub key: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawServer {
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
@@ -54,13 +50,11 @@ pub struct RawServer {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub addr: String,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawUpstream {
     pub servers: Vec<String>,
     pub balance: Option<String>,
@@ -72,14 +66,12 @@ pub struct RawUpstream {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawHealthCheck {
     pub path: String,
     pub interval: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawRoute {
     /// Label for logs and metrics; defaults to `host` + `path`.
     pub name: Option<String>,
@@ -101,7 +93,6 @@ pub struct RawRoute {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawAuth {
     pub jwt_secret_env: Option<String>,
     /// HS secret read from a file (Docker/Kubernetes secrets), trailing newline ignored.

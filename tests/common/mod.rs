@@ -479,10 +479,14 @@ pub async fn metric_becomes(admin: SocketAddr, name: &str, labels: &[(&str, &str
     .await;
 }
 
-/// A TCP port nothing listens on (bound, then released).
-pub async fn dead_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap()
+/// A loopback port that refuses connections: bound but not listening. Keep
+/// the socket alive for the whole test, so no parallel test can take the
+/// port over (a released port can be reused and answer).
+pub fn refusing_port() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (socket, addr)
 }
 
 pub async fn read_line<S: AsyncRead + Unpin>(stream: &mut S) -> String {

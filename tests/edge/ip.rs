@@ -246,7 +246,6 @@ async fn ip_in_x_forwarded_for_from_an_untrusted_peer_is_ignored() {
 /// Clients are compared as IPv4, so a mapped CIDR in the config never matches
 /// anything: a deny list written that way silently lets everyone in.
 #[tokio::test]
-#[ignore = "bug: IPv4-mapped CIDRs in allow_ips/deny_ips/trusted_proxies never match (src/config/mod.rs parse_cidr does not canonicalise them)"]
 async fn ip_v4_mapped_cidr_in_deny_ips_denies_the_ipv4_client() {
     let mut backend = spawn_ws_echo().await;
     let proxy = start_proxy(&config("127.0.0.1:0", backend.addr, "")).await;

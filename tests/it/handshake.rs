@@ -14,12 +14,14 @@ Content-Length: 21\r\n\r\nbackend says go away\n";
 struct Fixture {
     proxy: TestProxy,
     echo: WsBackend,
+    /// Keeps the "dead" upstream's port bound (and refusing) for the test.
+    _dead: tokio::net::TcpSocket,
 }
 
 /// One proxy with a route per situation.
 async fn fixture() -> Fixture {
     let echo = spawn_ws_echo().await;
-    let dead = dead_addr().await;
+    let (dead_socket, dead) = refusing_port();
     let (silent, _) = spawn_silent_backend().await;
     let (refuser, _) = spawn_raw_backend(REFUSAL).await;
     let liar = spawn_ws_backend(|_| Some("evil".to_owned())).await;
@@ -105,7 +107,11 @@ async fn fixture() -> Fixture {
         liar = liar.addr,
     ))
     .await;
-    Fixture { proxy, echo }
+    Fixture {
+        proxy,
+        echo,
+        _dead: dead_socket,
+    }
 }
 
 /// A request from its request line and header lines, verbatim.

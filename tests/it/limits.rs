@@ -70,7 +70,6 @@ async fn head_far_larger_than_max_header_bytes_is_still_431_with_reason() {
 }
 
 #[tokio::test]
-#[ignore = "bug: only the first head of a connection is read by src/head.rs; a later head larger than hyper's buffer gets hyper's bare 431 (src/server.rs)"]
 async fn huge_second_head_on_a_keep_alive_connection_is_431_with_reason() {
     let origin = spawn_http_origin().await;
     let proxy = start_proxy(&config(origin.addr, "max_header_bytes = 2048")).await;

@@ -22,13 +22,17 @@ const X_FORWARDED_URI: HeaderName = HeaderName::from_static("x-forwarded-uri");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
-/// The client's headers the auth service sees, every value of each.
-const PASSED_ON: [HeaderName; 5] = [
+/// The request headers the auth service sees, every value of each. The
+/// forwarding ones are the proxy's own by the time the check runs (the head is
+/// rewritten first), so an untrusted client cannot forge them.
+const PASSED_ON: [HeaderName; 7] = [
     ORIGIN,
     COOKIE,
     AUTHORIZATION,
     X_FORWARDED_HOST,
     X_FORWARDED_PROTO,
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-real-ip"),
 ];
 
 /// A relayed 401/403 body is cut here: it goes to the client, and an auth
