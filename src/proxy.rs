@@ -322,7 +322,6 @@ async fn upgrade(
         .connect()
         .await
         .map_err(|error| connect_rejection(&error))?;
-    let _ = stream.tcp().set_nodelay(true);
     let timeout = route.config.handshake_timeout;
     let upstream_name = &upstream.config.name;
     let exchange = async {

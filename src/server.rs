@@ -327,11 +327,20 @@ impl ConnectionTask {
             slot: Arc::new(self.slot),
         };
         match acceptor {
-            None => serve_http(self.tcp, connection(false), self.stop_accepting).await,
+            // Boxed: the serving future is several KiB, and tokio copies a spawned
+            // future whole at spawn and again when it completes.
+            None => Box::pin(serve_http(self.tcp, connection(false), self.stop_accepting)).await,
             Some(acceptor) => {
                 let handshake_timeout = self.state.server.tls_handshake_timeout;
-                match tokio::time::timeout(handshake_timeout, acceptor.accept(self.tcp)).await {
-                    Ok(Ok(tls)) => serve_http(tls, connection(true), self.stop_accepting).await,
+                match Box::pin(tokio::time::timeout(
+                    handshake_timeout,
+                    acceptor.accept(self.tcp),
+                ))
+                .await
+                {
+                    Ok(Ok(tls)) => {
+                        Box::pin(serve_http(tls, connection(true), self.stop_accepting)).await
+                    }
                     Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, ?handshake_timeout, "TLS handshake timed out"),
                 }

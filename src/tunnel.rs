@@ -1,7 +1,7 @@
 //! The byte splice behind an upgraded connection.
 //!
-//! Each direction reads into a buffer on the poll's stack and writes it out at
-//! once; only bytes the writer could not take yet are copied to the heap. So a
+//! Each direction reads into the worker thread's read buffer and writes it out
+//! at once; only bytes the writer could not take yet are copied to the heap. So a
 //! tunnel holds no copy buffer while idle — with tens of thousands of idle
 //! WebSockets, the two 8 KiB buffers per tunnel of `copy_bidirectional` would
 //! dominate memory. A FIN in one direction is passed on as a write shutdown
@@ -10,7 +10,6 @@
 
 use std::future::{Future, poll_fn};
 use std::io;
-use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -30,6 +29,14 @@ macro_rules! ready_or_return {
     };
 }
 const CHUNK: usize = 16 * 1024;
+
+thread_local! {
+    /// One read buffer per worker thread, shared by every tunnel it polls:
+    /// tunnels own no buffer while idle, and because it is initialised once,
+    /// readers that zero uninitialised buffers (tokio-rustls does, per read)
+    /// do not memset 16 KiB per message.
+    static READ_BUFFER: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0; CHUNK].into_boxed_slice());
+}
 /// Reads per direction per poll before yielding, so one busy tunnel cannot
 /// starve the others on its worker thread.
 const READS_PER_POLL: usize = 16;
@@ -145,48 +152,81 @@ impl Pump {
                 self.finished = true;
                 return Poll::Ready(Ok(()));
             }
-            let mut stack = [MaybeUninit::<u8>::uninit(); CHUNK];
-            let mut buf = ReadBuf::uninit(&mut stack);
-            match reader.as_mut().poll_read(cx, &mut buf) {
-                Poll::Ready(Ok(())) if buf.filled().is_empty() => self.read_closed = true,
-                Poll::Ready(Ok(())) => {
-                    let data = buf.filled();
-                    *moved = true;
-                    self.bytes += data.len() as u64;
-                    let mut written = 0;
-                    while written < data.len() {
-                        match writer.as_mut().poll_write(cx, &data[written..]) {
-                            Poll::Ready(Ok(0)) => {
-                                return Poll::Ready(Err(PumpError::Write(
-                                    io::ErrorKind::WriteZero.into(),
-                                )));
-                            }
-                            Poll::Ready(Ok(count)) => written += count,
-                            Poll::Ready(Err(error)) => {
-                                return Poll::Ready(Err(PumpError::Write(error)));
-                            }
-                            Poll::Pending => break,
-                        }
-                    }
-                    self.needs_flush = true;
-                    if written < data.len() {
-                        self.backlog.extend_from_slice(&data[written..]);
-                        return Poll::Pending;
-                    }
-                }
-                Poll::Ready(Err(error)) => return Poll::Ready(Err(PumpError::Read(error))),
-                Poll::Pending => {
-                    if self.needs_flush {
-                        ready_or_return!(writer.as_mut().poll_flush(cx).map_err(PumpError::Write));
-                        self.needs_flush = false;
-                    }
-                    return Poll::Pending;
-                }
+            let outcome = READ_BUFFER.with_borrow_mut(|chunk| {
+                let mut buf = ReadBuf::new(&mut chunk[..]);
+                let read = reader.as_mut().poll_read(cx, &mut buf);
+                self.after_read(cx, read, buf.filled(), writer.as_mut(), moved)
+            });
+            match outcome {
+                Step::Continue => {}
+                Step::Return(poll) => return poll,
             }
         }
         // Budget used up with data still coming: yield, but ask to be polled again.
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+
+    /// Handles one read's result: passes the bytes on at once, keeping on
+    /// the heap only what the writer cannot take yet.
+    fn after_read<W: AsyncWrite + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        read: Poll<io::Result<()>>,
+        data: &[u8],
+        mut writer: Pin<&mut W>,
+        moved: &mut bool,
+    ) -> Step {
+        match read {
+            Poll::Ready(Ok(())) if data.is_empty() => {
+                self.read_closed = true;
+                Step::Continue
+            }
+            Poll::Ready(Ok(())) => {
+                *moved = true;
+                self.bytes += data.len() as u64;
+                let mut written = 0;
+                while written < data.len() {
+                    match writer.as_mut().poll_write(cx, &data[written..]) {
+                        Poll::Ready(Ok(0)) => {
+                            return Step::failed_write(io::ErrorKind::WriteZero.into());
+                        }
+                        Poll::Ready(Ok(count)) => written += count,
+                        Poll::Ready(Err(error)) => return Step::failed_write(error),
+                        Poll::Pending => break,
+                    }
+                }
+                self.needs_flush = true;
+                if written < data.len() {
+                    self.backlog.extend_from_slice(&data[written..]);
+                    return Step::Return(Poll::Pending);
+                }
+                Step::Continue
+            }
+            Poll::Ready(Err(error)) => Step::Return(Poll::Ready(Err(PumpError::Read(error)))),
+            Poll::Pending => {
+                if self.needs_flush {
+                    match writer.as_mut().poll_flush(cx) {
+                        Poll::Ready(Ok(())) => self.needs_flush = false,
+                        Poll::Ready(Err(error)) => return Step::failed_write(error),
+                        Poll::Pending => {}
+                    }
+                }
+                Step::Return(Poll::Pending)
+            }
+        }
+    }
+}
+
+/// What [`Pump::after_read`] tells the read loop.
+enum Step {
+    Continue,
+    Return(Poll<Result<(), PumpError>>),
+}
+
+impl Step {
+    fn failed_write(error: io::Error) -> Step {
+        Step::Return(Poll::Ready(Err(PumpError::Write(error))))
     }
 }
 

@@ -270,15 +270,6 @@ pub struct UpstreamStream {
     _lease: Lease,
 }
 
-impl UpstreamStream {
-    pub fn tcp(&self) -> &TcpStream {
-        match &self.io {
-            StreamKind::Plain(tcp) => tcp,
-            StreamKind::Tls(tls) => tls.get_ref().0,
-        }
-    }
-}
-
 impl Connection for UpstreamStream {
     fn connected(&self) -> Connected {
         Connected::new()
