@@ -35,18 +35,26 @@ pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
     has_token(headers, &CONNECTION, "upgrade") && has_token(headers, &UPGRADE, "websocket")
 }
 
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
 /// Headers that describe one connection, never the message (RFC 9110 §7.6.1),
-/// plus `Proxy-Authorization`, which is meant for this proxy alone.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authorization",
-    "proxy-authenticate",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// plus `Proxy-Authorization`, which is meant for this proxy alone. `Upgrade`
+/// is handled apart, since a WebSocket upgrade keeps it.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::PROXY_AUTHENTICATE,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
 ];
 
 /// RFC 9110 §7.6.1: "a proxy or gateway MUST parse a received Connection header
@@ -56,21 +64,24 @@ const HOP_BY_HOP: [&str; 9] = [
 /// upgrade itself is end-to-end in effect, so `Upgrade` is kept and
 /// `Connection: Upgrade` put back.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, websocket_upgrade: bool) {
-    let named: Vec<HeaderName> = list_tokens(headers, &CONNECTION)
-        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-        .filter(|name| !(websocket_upgrade && *name == UPGRADE))
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        if websocket_upgrade && name == "upgrade" {
-            continue;
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = list_tokens(headers, &CONNECTION)
+            .filter(|token| {
+                !token.eq_ignore_ascii_case("upgrade") && !token.eq_ignore_ascii_case("keep-alive")
+            })
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
         }
+    }
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     if websocket_upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    } else {
+        headers.remove(UPGRADE);
     }
 }
 
@@ -128,89 +139,118 @@ pub struct Hop {
 /// Sets `X-Forwarded-For/Proto/Host`, `X-Real-IP` and `Forwarded`. From a
 /// trusted peer the incoming chain is extended and its proto/host kept; from
 /// anyone else the incoming values are lies or noise and are replaced.
+///
+/// This runs on every request, so the peer's address is formatted once and
+/// values are built without intermediate copies.
 pub fn set_forwarding_headers(headers: &mut HeaderMap, hop: &Hop) {
     let peer = hop.peer.to_canonical();
+    let peer_text = peer.to_string();
     let proto = if hop.tls { "https" } else { "http" };
     let host = headers.get(HOST).cloned();
 
-    let xff = HeaderName::from_static("x-forwarded-for");
-    let chain = hop
+    let peer_value = owned_value(peer_text.clone());
+    let chain = match hop
         .peer_trusted
-        .then(|| joined(headers, &xff))
+        .then(|| joined(headers, &X_FORWARDED_FOR))
         .flatten()
-        .map(|incoming| format!("{incoming}, {peer}"))
-        .unwrap_or_else(|| peer.to_string());
-    set(headers, xff, &chain);
+    {
+        Some(mut incoming) => {
+            incoming.push_str(", ");
+            incoming.push_str(&peer_text);
+            owned_value(incoming)
+        }
+        None => peer_value.clone(),
+    };
+    insert_some(headers, X_FORWARDED_FOR, chain);
 
-    let xfp = HeaderName::from_static("x-forwarded-proto");
-    if !(hop.peer_trusted && headers.contains_key(&xfp)) {
-        headers.insert(xfp, HeaderValue::from_static(proto));
+    if !(hop.peer_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
-    let xfh = HeaderName::from_static("x-forwarded-host");
-    if !(hop.peer_trusted && headers.contains_key(&xfh)) {
+    if !(hop.peer_trusted && headers.contains_key(&X_FORWARDED_HOST)) {
         match &host {
-            Some(host) => {
-                headers.insert(xfh, host.clone());
-            }
-            None => {
-                headers.remove(xfh);
-            }
+            Some(host) => headers.insert(X_FORWARDED_HOST, host.clone()),
+            None => headers.remove(X_FORWARDED_HOST),
+        };
+    }
+    let client = hop.client_ip.to_canonical();
+    let real_ip = if client == peer {
+        peer_value
+    } else {
+        owned_value(client.to_string())
+    };
+    insert_some(headers, X_REAL_IP, real_ip);
+
+    let mut element = String::with_capacity(48 + peer_text.len());
+    element.push_str("for=");
+    // RFC 7239 §6: IPv6 nodes are bracketed, and then must be a quoted-string.
+    match peer {
+        IpAddr::V4(_) => element.push_str(&peer_text),
+        IpAddr::V6(_) => {
+            element.push_str("\"[");
+            element.push_str(&peer_text);
+            element.push_str("]\"");
         }
     }
-    set(
-        headers,
-        HeaderName::from_static("x-real-ip"),
-        &hop.client_ip.to_canonical().to_string(),
-    );
-
-    let mut element = format!("for={}", forwarded_node(peer));
     element.push_str(";proto=");
     element.push_str(proto);
     if let Some(host) = host.as_ref().and_then(|host| host.to_str().ok()) {
         element.push_str(";host=");
-        element.push_str(&forwarded_value(host));
+        push_forwarded_value(&mut element, host);
     }
-    let forwarded = HeaderName::from_static("forwarded");
-    let value = hop
+    let forwarded = match hop
         .peer_trusted
-        .then(|| joined(headers, &forwarded))
+        .then(|| joined(headers, &FORWARDED))
         .flatten()
-        .map(|incoming| format!("{incoming}, {element}"))
-        .unwrap_or(element);
-    set(headers, forwarded, &value);
+    {
+        Some(mut incoming) => {
+            incoming.push_str(", ");
+            incoming.push_str(&element);
+            incoming
+        }
+        None => element,
+    };
+    insert_some(headers, FORWARDED, owned_value(forwarded));
 }
 
 /// All instances of a header joined with ", " (RFC 9110 §5.3 list semantics).
 fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
-    let values: Vec<&str> = headers
+    let mut values = headers
         .get_all(name)
         .iter()
-        .filter_map(|value| value.to_str().ok())
-        .collect();
-    (!values.is_empty()).then(|| values.join(", "))
+        .filter_map(|value| value.to_str().ok());
+    let mut text = values.next()?.to_owned();
+    for value in values {
+        text.push_str(", ");
+        text.push_str(value);
+    }
+    Some(text)
 }
 
-fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
-    if let Ok(value) = HeaderValue::from_str(value) {
+/// A header value that takes the string's buffer instead of copying it.
+fn owned_value(text: String) -> Option<HeaderValue> {
+    HeaderValue::try_from(text).ok()
+}
+
+fn insert_some(headers: &mut HeaderMap, name: HeaderName, value: Option<HeaderValue>) {
+    if let Some(value) = value {
         headers.insert(name, value);
     }
 }
 
-/// RFC 7239 §6: IPv6 nodes are bracketed, and then must be a quoted-string.
-fn forwarded_node(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    }
-}
-
 /// RFC 7239 §4: a value is a token or a quoted-string.
-fn forwarded_value(value: &str) -> String {
+fn push_forwarded_value(out: &mut String, value: &str) {
     if !value.is_empty() && value.bytes().all(is_token_byte) {
-        return value.to_owned();
+        out.push_str(value);
+        return;
     }
-    let escaped = value.replace('\\', "\\\\").replace('"', "\\\"");
-    format!("\"{escaped}\"")
+    out.push('"');
+    for c in value.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::future::{FusedFuture, FutureExt};
 use http::header::{HOST, ORIGIN, UPGRADE};
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
@@ -324,22 +325,31 @@ async fn upgrade(
         .map_err(|error| connect_rejection(&error))?;
     let timeout = route.config.handshake_timeout;
     let upstream_name = &upstream.config.name;
+    // The connection future is driven here and then by the tunnel task rather
+    // than by a task of its own: one spawn less per handshake. It finishes by
+    // handing the socket to the upgrade. Boxed so the tunnel task stays small.
+    let mut connection = None;
     let exchange = async {
-        let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+        let (mut sender, driver) = hyper::client::conn::http1::Builder::new()
             .preserve_header_case(true)
             .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
             .await?;
-        // The connection task ends when the 101 hands the socket to the upgrade.
-        tokio::spawn(async move {
-            if let Err(error) = connection.with_upgrades().await {
-                tracing::debug!(%error, "upstream handshake connection ended with an error");
+        // Fused: it may finish (handing over the socket) in the very turn the
+        // 101 is delivered, and must not be polled again after that.
+        let driver = connection.insert(Box::pin(driver.with_upgrades().fuse()));
+        let sent = sender.send_request(Request::from_parts(parts, Empty::new()));
+        tokio::pin!(sent);
+        loop {
+            tokio::select! {
+                biased;
+                response = &mut sent => return response.map(|response| (response, sender)),
+                // If the driver ends first, the request future reports why
+                // (or, on an upgrade, is already answered).
+                _ = driver.as_mut(), if !driver.is_terminated() => {}
             }
-        });
-        sender
-            .send_request(Request::from_parts(parts, Empty::new()))
-            .await
+        }
     };
-    let mut response = match tokio::time::timeout(timeout, exchange).await {
+    let (mut response, sender) = match tokio::time::timeout(timeout, exchange).await {
         Err(_) => {
             return Err(Rejection::UpstreamTimeout {
                 detail: format!(
@@ -352,10 +362,23 @@ async fn upgrade(
                 detail: format!("upstream {upstream_name:?} failed during the upgrade: {error}"),
             });
         }
-        Ok(Ok(response)) => response,
+        Ok(Ok(answer)) => answer,
+    };
+    let Some(connection) = connection else {
+        return Err(Rejection::UpstreamUnavailable {
+            detail: format!("upstream {upstream_name:?} connection was lost"),
+        });
     };
 
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // The backend's own refusal is the answer the client should see; its
+        // body still has to be read off the connection, so that needs a task.
+        tokio::spawn(async move {
+            let _sender = sender;
+            if !connection.is_terminated() {
+                let _ = connection.await;
+            }
+        });
         // The backend's own refusal is the answer the client should see.
         route.metrics.rejected.inc();
         let (mut head, body) = response.into_parts();
@@ -383,7 +406,15 @@ async fn upgrade(
         .observe(started.elapsed().as_secs_f64());
     conn.tunnels.spawn(async move {
         let _slot = keep_slot;
-        let (client_io, upstream_io) = match tokio::join!(client_upgrade, upstream_upgrade) {
+        let upstream_side = async move {
+            // Completes once the 101 has been read and the socket handed over.
+            if !connection.is_terminated() {
+                let _ = connection.await;
+            }
+            drop(sender);
+            upstream_upgrade.await
+        };
+        let (client_io, upstream_io) = match tokio::join!(client_upgrade, upstream_side) {
             (Ok(client_io), Ok(upstream_io)) => (client_io, upstream_io),
             (client, upstream) => {
                 tracing::debug!(
