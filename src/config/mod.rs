@@ -308,13 +308,10 @@ fn toml_problem(text: &str, key: String, error: &toml::de::Error) -> Problem {
     }
 }
 
-fn resolve(base: &Path, file: &str) -> PathBuf {
-    let path = Path::new(file);
-    if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        base.join(path)
-    }
+/// A file named in the config: relative to the config's folder, absolute as
+/// written (`Path::join` keeps an absolute path).
+pub(crate) fn resolve(base: &Path, file: &str) -> PathBuf {
+    base.join(file)
 }
 
 fn validate(raw: raw::RawConfig, base: &Path, problems: &mut Problems) -> Config {

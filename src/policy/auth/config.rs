@@ -11,7 +11,7 @@ use super::forward::ForwardAuth;
 use super::jwt::{Keys, Rules};
 use super::token::Locations;
 use super::{AuthPolicy, DEFAULT_FORWARD_TIMEOUT, DEFAULT_LEEWAY, JwtAuth, Mode};
-use crate::config::RawAuth;
+use crate::config::{RawAuth, resolve};
 
 /// Headers the proxy itself depends on; letting auth set or strip them would
 /// break the request.
@@ -250,15 +250,6 @@ fn load_keys(raw: &RawAuth, base: &Path) -> Result<Keys, (&'static str, String)>
             .map_err(|messages| ("jwks_file", messages.join("; ")));
     }
     Err(("", "no key source is set".to_owned()))
-}
-
-fn resolve(base: &Path, file: &str) -> PathBuf {
-    let path = Path::new(file);
-    if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        base.join(path)
-    }
 }
 
 fn parse_forward_url(text: &str) -> Result<Uri, String> {

@@ -115,31 +115,17 @@ impl ForwardAuth {
         let status = response.status();
         // What a client needs to act on a refusal: the challenge, the body's
         // type, and where to log in.
-        let relayed: http::HeaderMap = [
-            http::header::WWW_AUTHENTICATE,
-            http::header::CONTENT_TYPE,
-            http::header::LOCATION,
-        ]
-        .iter()
-        .flat_map(|name| {
-            response
-                .headers()
-                .get_all(name)
-                .iter()
-                .map(|value| (name.clone(), value.clone()))
-        })
+        let relayed: http::HeaderMap = every_value(
+            response.headers(),
+            &[
+                http::header::WWW_AUTHENTICATE,
+                http::header::CONTENT_TYPE,
+                http::header::LOCATION,
+            ],
+        )
         .collect();
-        let copied: Vec<(HeaderName, HeaderValue)> = self
-            .copy_headers
-            .iter()
-            .flat_map(|name| {
-                response
-                    .headers()
-                    .get_all(name)
-                    .iter()
-                    .map(|value| (name.clone(), value.clone()))
-            })
-            .collect();
+        let copied: Vec<(HeaderName, HeaderValue)> =
+            every_value(response.headers(), &self.copy_headers).collect();
         // Reading the body (bounded) lets the connection go back to the pool.
         let body = read_bounded(response.into_body()).await;
         if status.is_success() {
@@ -181,6 +167,19 @@ impl ForwardAuth {
         }
         request
     }
+}
+
+/// Every value of each of `names`, as (name, value) pairs.
+fn every_value<'a>(
+    headers: &'a http::HeaderMap,
+    names: &'a [HeaderName],
+) -> impl Iterator<Item = (HeaderName, HeaderValue)> + 'a {
+    names.iter().flat_map(move |name| {
+        headers
+            .get_all(name)
+            .iter()
+            .map(move |value| (name.clone(), value.clone()))
+    })
 }
 
 /// Up to [`MAX_BODY`] bytes of the body; `None` if reading it failed.
