@@ -2,7 +2,7 @@
 //! problem found, each with its key path. Keys and secrets are loaded here, so
 //! a reload re-reads them.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use http::{HeaderName, Uri};
