@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark of wsgate against nginx and HAProxy (issue 4).
 
-    python3 benches/compare.py              # full run: 3 interleaved rounds, ~15 min
-    python3 benches/compare.py --quick      # smoke test: 1 round, short runs, ~3 min
+    python3 benches/compare.py              # full run: 3 interleaved rounds, ~12 min
+    python3 benches/compare.py --quick      # smoke test: 1 round, short runs, ~2.5 min
     python3 benches/compare.py --rounds 5 --duration 8 --hold 1000,9800
+    python3 benches/compare.py --workloads plain_handshake,echo --targets nginx,wsgate
 
 What it does, in order:
 
@@ -14,7 +15,10 @@ What it does, in order:
    equivalent configs: TLS 1.2+1.3 with that certificate, upgrade forwarding,
    X-Forwarded-For/Proto/Host and X-Real-IP, 1 h tunnel timeouts, no access
    logs, one worker process / one thread. The proxies run on CPU 1; the load
-   tool (`wsgate load`), the backend and this script on CPU 0.
+   tool (`wsgate load`), the backend and this script on CPU 0. All three
+   proxies allow TLS session resumption (wsgate cannot turn it off), and
+   `wsgate load` resumes, so full TLS handshakes are made by this script's
+   own Python client (`--full-handshake-client`, used internally).
 4. Runs every workload against nginx, HAProxy, wsgate and the backend directly,
    interleaved (A B C D, then B C D A, ...; the order rotates so no target is
    always first), for --rounds rounds.

@@ -84,7 +84,11 @@ async fn echo_connection(stream: TcpStream) {
             Message::Text(_) | Message::Binary(_) => message,
             // tungstenite answers pings and echoes the close frame by itself.
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
-            Message::Close(_) => break,
+            // tungstenite queued the close reply; flush it before dropping the socket.
+            Message::Close(_) => {
+                let _ = socket.flush().await;
+                break;
+            }
         };
         if socket.send(reply).await.is_err() {
             break;

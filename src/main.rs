@@ -69,16 +69,16 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let command = cli.command.unwrap_or(Command::Run(ConfigArg {
+        config: PathBuf::from("proxy.toml"),
+    }));
+    let runtime = match build_runtime(&command) {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("wsgate: cannot start the async runtime: {error}");
             return ExitCode::FAILURE;
         }
     };
-    let command = cli.command.unwrap_or(Command::Run(ConfigArg {
-        config: PathBuf::from("proxy.toml"),
-    }));
     let result = runtime.block_on(async move {
         match command {
             Command::Run(args) => serve(&args.config).await.map(|()| ExitCode::SUCCESS),
@@ -106,6 +106,28 @@ fn main() -> ExitCode {
             eprintln!("wsgate: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `[server] worker_threads` has to be known before the runtime exists, so
+/// `run` peeks at the config first; a config that does not load gets the
+/// default runtime and reports its problems from `serve`.
+fn build_runtime(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = match command {
+        Command::Run(args) => Config::load(&args.config)
+            .ok()
+            .and_then(|config| config.server.worker_threads),
+        _ => None,
+    };
+    match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(count) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(count)
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Runtime::new(),
     }
 }
 

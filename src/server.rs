@@ -90,7 +90,7 @@ impl Proxy {
         let state = State::build(config, &metrics).map_err(anyhow::Error::msg)?;
         let mut listeners = Vec::new();
         for (index, listener) in config.listeners.iter().enumerate() {
-            let bound = TcpListener::bind(listener.addr).await.map_err(|error| {
+            let bound = listen(listener.addr).map_err(|error| {
                 anyhow::anyhow!(
                     "cannot listen on {} (listener[{index}]): {error}",
                     listener.addr
@@ -207,6 +207,20 @@ impl Proxy {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Binds with a deep accept backlog: a burst of handshakes (a fleet of
+/// clients reconnecting after a deploy) must queue, not be refused, and std's
+/// default of 128 is shallower than nginx's 511.
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 /// A proxy holds two sockets per tunnel; the default soft limit of 1024 would

@@ -86,6 +86,15 @@ where
 
 /// TLS in front of `backend` with a fresh self-signed certificate for localhost.
 async fn spawn_tls_front(backend: SocketAddr) -> SocketAddr {
+    spawn_counting_tls_front(backend).await.0
+}
+
+/// As [`spawn_tls_front`], also counting the handshakes that were resumed.
+async fn spawn_counting_tls_front(
+    backend: SocketAddr,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let resumed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = resumed.clone();
     let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
         certified.signing_key.serialize_der(),
@@ -102,10 +111,14 @@ async fn spawn_tls_front(backend: SocketAddr) -> SocketAddr {
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
+            let counter = counter.clone();
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(stream).await else {
                     return;
                 };
+                if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 let Ok(mut upstream) = TcpStream::connect(backend).await else {
                     return;
                 };
@@ -113,7 +126,7 @@ async fn spawn_tls_front(backend: SocketAddr) -> SocketAddr {
             });
         }
     });
-    addr
+    (addr, resumed)
 }
 
 fn only_status(report: &LoadReport, status: u16, count: u64) {
@@ -432,4 +445,34 @@ async fn contradictory_modes_are_refused() {
         "3",
     ]);
     assert!(execute(&handshake_with_messages).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_tls_resume_makes_every_handshake_a_full_one() {
+    let (front, resumed) = spawn_counting_tls_front(spawn_echo().await).await;
+    let url = format!("wss://localhost:{}/", front.port());
+    let args = [
+        "--url",
+        &url,
+        "--insecure",
+        "--mode",
+        "handshake",
+        "--duration",
+        "400ms",
+    ];
+    let report = run(&args).await;
+    assert!(report.handshakes.succeeded >= 3, "{report}");
+    let resumed_by_default = resumed.swap(0, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        resumed_by_default >= 1,
+        "the client never resumed: {report}"
+    );
+
+    let report = run(&[&args[..], &["--no-tls-resume"]].concat()).await;
+    assert!(report.handshakes.succeeded >= 3, "{report}");
+    assert_eq!(
+        resumed.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "{report}"
+    );
 }

@@ -108,7 +108,7 @@ impl Drop for Wsgate {
     }
 }
 
-fn config_text(backend: SocketAddr, origin: &str, drain: &str) -> String {
+fn config_text(backend: SocketAddr, origin: &str, drain: &str, threads: usize) -> String {
     format!(
         r#"
 [[listener]]
@@ -116,6 +116,7 @@ addr = "127.0.0.1:0"
 
 [server]
 drain_timeout = "{drain}"
+worker_threads = {threads}
 
 [upstream.echo]
 servers = ["{backend}"]
@@ -146,7 +147,7 @@ async fn sighup_reloads_a_good_config_refuses_a_bad_one_and_keeps_tunnels() {
     let path = dir.path().join("wsgate.toml");
     std::fs::write(
         &path,
-        config_text(backend.addr, "https://old.example.com", "5s"),
+        config_text(backend.addr, "https://old.example.com", "5s", 0),
     )
     .unwrap();
     let mut wsgate = Wsgate::start(&path);
@@ -159,7 +160,7 @@ async fn sighup_reloads_a_good_config_refuses_a_bad_one_and_keeps_tunnels() {
 
     std::fs::write(
         &path,
-        config_text(backend.addr, "https://new.example.com", "5s"),
+        config_text(backend.addr, "https://new.example.com", "5s", 0),
     )
     .unwrap();
     wsgate.signal("HUP");
@@ -197,9 +198,10 @@ async fn sigterm_drains_tunnels_then_cuts_them_after_drain_timeout() {
     let backend = spawn_ws_echo().await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("wsgate.toml");
+    // One thread: the current-thread runtime must drain the same way.
     std::fs::write(
         &path,
-        config_text(backend.addr, "https://app.example.com", "700ms"),
+        config_text(backend.addr, "https://app.example.com", "700ms", 1),
     )
     .unwrap();
     let mut wsgate = Wsgate::start(&path);

@@ -162,6 +162,9 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// A TLS handshake that has not finished by then is dropped.
     pub tls_handshake_timeout: Duration,
+    /// Runtime threads; `None` = one per CPU. `Some(1)` runs everything on
+    /// one thread with no cross-thread wake-ups (like one nginx worker).
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -450,6 +453,17 @@ fn validate_server(raw: &raw::RawServer, problems: &mut Problems) -> ServerConfi
             Duration::from_secs(30),
         ),
         tls_handshake_timeout: Duration::from_secs(10),
+        worker_threads: match raw.worker_threads {
+            None | Some(0) => None,
+            Some(count @ 1..=1024) => Some(count as usize),
+            Some(count) => {
+                problems.add(
+                    "server.worker_threads",
+                    format!("{count} is not between 0 (one per CPU) and 1024"),
+                );
+                None
+            }
+        },
     }
 }
 

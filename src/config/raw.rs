@@ -44,6 +44,8 @@ pub struct RawServer {
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
     pub max_connections: Option<i64>,
+    /// Threads serving connections; 0 or absent = one per CPU.
+    pub worker_threads: Option<i64>,
     pub header_timeout: Option<String>,
     pub max_header_bytes: Option<i64>,
     pub drain_timeout: Option<String>,

@@ -93,6 +93,7 @@ impl Target {
         uri: Uri,
         headers: HeaderMap,
         insecure: bool,
+        resume: bool,
         ws_config: WebSocketConfig,
         timeout: Duration,
     ) -> anyhow::Result<Self> {
@@ -117,7 +118,7 @@ impl Target {
         let tls = if secure {
             let name = ServerName::try_from(host.clone())
                 .with_context(|| format!("{host} is not a valid TLS server name"))?;
-            Some((TlsConnector::from(tls_config(insecure)?), name))
+            Some((TlsConnector::from(tls_config(insecure, resume)?), name))
         } else {
             None
         };
@@ -221,7 +222,7 @@ fn classify_ws(error: &WsError) -> Failure {
     }
 }
 
-fn tls_config(insecure: bool) -> anyhow::Result<Arc<ClientConfig>> {
+fn tls_config(insecure: bool, resume: bool) -> anyhow::Result<Arc<ClientConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -239,6 +240,10 @@ fn tls_config(insecure: bool) -> anyhow::Result<Arc<ClientConfig>> {
     };
     // A WebSocket upgrade only exists in HTTP/1.1; say so, as browsers do.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if !resume {
+        // Every handshake a full one: what a fleet of new clients costs a server.
+        config.resumption = rustls::client::Resumption::disabled();
+    }
     Ok(Arc::new(config))
 }
 

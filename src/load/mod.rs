@@ -87,6 +87,10 @@ pub struct LoadArgs {
     #[arg(long)]
     pub insecure: bool,
 
+    /// Make every TLS handshake a full one (no session resumption).
+    #[arg(long)]
+    pub no_tls_resume: bool,
+
     /// Print the report as one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -179,6 +183,7 @@ pub async fn execute(args: &LoadArgs) -> anyhow::Result<LoadReport> {
         args.url.clone(),
         headers,
         args.insecure,
+        !args.no_tls_resume,
         ws_config(mode, message_size),
         args.timeout,
     )
