@@ -452,6 +452,8 @@ trusted_proxies = ["127.0.0.1/32", "::1/128"]
 max_connections = 20000
 # Restarts between memory runs should not wait out the default 30 s drain.
 drain_timeout = "1s"
+# One thread, as nginx runs one worker and HAProxy one thread here.
+worker_threads = 1
 
 [upstream.echo]
 servers = ["{LOOPBACK}:{backend}"]

@@ -41,6 +41,7 @@ pub mod server;
 pub mod state;
 pub mod tls;
 pub mod tunnel;
+pub mod upgraded;
 pub mod upstream;
 
 pub use config::Config;

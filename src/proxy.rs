@@ -28,6 +28,7 @@ use crate::policy;
 use crate::router;
 use crate::state::{Route, State};
 use crate::tunnel;
+use crate::upgraded::{ClientIo, UpstreamIo};
 use crate::upstream::{ConnectError, Upstream};
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -427,8 +428,8 @@ async fn upgrade(
         };
         metrics.tunnels_active.inc();
         let outcome = tunnel::splice(
-            TokioIo::new(client_io),
-            TokioIo::new(upstream_io),
+            ClientIo::from_upgraded(client_io),
+            UpstreamIo::from_upgraded(upstream_io),
             idle_timeout,
             drain,
         )

@@ -282,10 +282,7 @@ impl AsyncRead for UpstreamStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
-            StreamKind::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
-            StreamKind::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
@@ -295,23 +292,16 @@ impl AsyncWrite for UpstreamStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().io {
-            StreamKind::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
-            StreamKind::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
-            StreamKind::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
-            StreamKind::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
-            StreamKind::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
-            StreamKind::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
+
+crate::upgraded::delegate_async_io!(StreamKind { Plain, Tls });
