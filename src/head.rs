@@ -74,6 +74,13 @@ pub struct Prefixed<S> {
 
 impl<S> Prefixed<S> {
     pub fn new(prefix: Bytes, inner: S) -> Prefixed<S> {
+        // An empty `Bytes` can still hold its whole buffer alive (hyper's
+        // read buffer, say): keep none for the life of a tunnel.
+        let prefix = if prefix.is_empty() {
+            Bytes::new()
+        } else {
+            prefix
+        };
         Prefixed { prefix, inner }
     }
 
