@@ -16,9 +16,9 @@ What it does, in order:
    X-Forwarded-For/Proto/Host and X-Real-IP, 1 h tunnel timeouts, no access
    logs, one worker process / one thread. The proxies run on CPU 1; the load
    tool (`wsgate load`), the backend and this script on CPU 0. All three
-   proxies allow TLS session resumption (wsgate cannot turn it off), and
-   `wsgate load` resumes, so full TLS handshakes are made by this script's
-   own Python client (`--full-handshake-client`, used internally).
+   proxies allow TLS session resumption; `wsgate load` resumes by default,
+   and `--no-tls-resume` makes the full-handshake workload's every
+   handshake a full one.
 4. Runs every workload against nginx, HAProxy, wsgate and the backend directly,
    interleaved (A B C D, then B C D A, ...; the order rotates so no target is
    always first), for --rounds rounds.
@@ -487,8 +487,6 @@ class Workload:
     rate_label: str
     hold: int = 0  # > 0: an idle-memory run holding this many connections
     with_direct: bool = True
-    # The client: `wsgate load`, or this script's own full-handshake client.
-    client: str = "load"
 
 
 def handshakes(report: dict) -> float:
@@ -524,16 +522,16 @@ def workloads(opts: argparse.Namespace) -> list[Workload]:
                  lambda o: handshake, handshakes, "handshake", 1e6,
                  "proxy CPU µs per TLS handshake + upgrade, as `wsgate load` makes them (~95 % resumed)",
                  lambda r: r["handshakes"]["succeeded_per_sec"], "TLS handshakes/s (wsgate load, resumed)"),
-        # The issue's figure is per *full* handshake, which `wsgate load` cannot
-        # make against a server that resumes, and wsgate has no setting to
-        # stop resuming. So a Python stdlib client (OpenSSL, no session reuse)
-        # makes them; slower than `wsgate load`, but the figure is the
-        # proxy's CPU per handshake, and the client is the same for everyone.
-        Workload("tls_handshake_full", "full TLS handshake + upgrade (Python client)", "tls",
-                 lambda o: ["--connections", "16", "--duration", dur], handshakes, "handshake", 1e6,
+        # The issue's figure is per *full* handshake: `wsgate load
+        # --no-tls-resume` makes every handshake a full one (no session
+        # cache), from a client fast enough to keep each proxy busy, so the
+        # figure is not dominated by fixed costs of a mostly idle proxy (as it
+        # was with a Python client saturating its own core at ~1,000/s).
+        Workload("tls_handshake_full", "full TLS handshake + upgrade (wsgate load --no-tls-resume)", "tls",
+                 lambda o: handshake + ["--no-tls-resume"], handshakes, "handshake", 1e6,
                  "proxy CPU µs per full TLS handshake + upgrade",
-                 lambda r: r["handshakes"]["succeeded_per_sec"], "full TLS handshakes/s (Python client)",
-                 with_direct=False, client="python"),
+                 lambda r: r["handshakes"]["succeeded_per_sec"], "full TLS handshakes/s (no resumption)",
+                 with_direct=False),
         Workload("plain_handshake", "plaintext handshake + upgrade", "plain",
                  lambda o: handshake, handshakes, "handshake", 1e6, "proxy CPU µs per plaintext handshake + upgrade",
                  lambda r: r["handshakes"]["succeeded_per_sec"], "plaintext handshakes/s"),
@@ -579,16 +577,9 @@ def load_argv(url: str, extra: list[str]) -> list[str]:
     return pinned(CLIENT_CPU, [str(WSGATE), "load", "--url", url, "--json", "--insecure", "--origin", ORIGIN, *extra])
 
 
-def python_client_argv(url: str, extra: list[str], cafile: Path) -> list[str]:
-    return pinned(CLIENT_CPU, [sys.executable, str(Path(__file__).resolve()), "--full-handshake-client",
-                               url, str(cafile), *extra])
-
-
-def run_load(url: str, extra: list[str], duration_hint: float,
-             argv: list[str] | None = None) -> tuple[dict | None, str, float, float]:
-    """Runs the client (`wsgate load` unless `argv` says otherwise) on the
-    client CPU; returns (report, stderr, client CPU s, wall s)."""
-    argv = argv or load_argv(url, extra)
+def run_load(url: str, extra: list[str], duration_hint: float) -> tuple[dict | None, str, float, float]:
+    """Runs `wsgate load` on the client CPU; returns (report, stderr, client CPU s, wall s)."""
+    argv = load_argv(url, extra)
     before = children_cpu_seconds()
     started = time.monotonic()
     proc = REGISTRY.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -631,9 +622,6 @@ def run_one(target: Target, workload: Workload, opts: argparse.Namespace, backen
         if held.get("held_connections"):
             record["rss_base_kib"] = base_rss
             record["kib_per_connection"] = (held["rss_held_kib"] - base_rss) / held["held_connections"]
-    elif workload.client == "python":
-        argv = python_client_argv(url, extra, opts.cafile)
-        report, err, load_cpu, wall = run_load(url, extra, opts.duration, argv)
     else:
         report, err, load_cpu, wall = run_load(url, extra, opts.duration)
 
@@ -818,118 +806,20 @@ def tls_resumes(port: int) -> bool | None:
         return b"Reused," in out
 
 
-def preflight(targets: list[Target], kinds: set[str], python_cafile: Path | None) -> None:
-    """One short handshake run per listener (and client), so that a config
-    mistake stops us now and not after ten minutes."""
+def preflight(targets: list[Target], kinds: set[str]) -> None:
+    """One short handshake run per listener, so that a config mistake stops
+    us now and not after ten minutes."""
     for target in targets:
-        checks = [(kind, url, None) for kind, url in target.urls.items() if kind in kinds]
-        if python_cafile is not None and target.is_proxy:
-            checks.append(("tls/py", target.urls["tls"],
-                           python_client_argv(target.urls["tls"], ["--connections", "2", "--duration", "1"],
-                                              python_cafile)))
-        for kind, url, argv in checks:
-            report, err, _, _ = run_load(url, ["--mode", "handshake", "--connections", "2", "--duration", "1s"], 1,
-                                         argv)
+        for kind, url in target.urls.items():
+            if kind not in kinds:
+                continue
+            report, err, _, _ = run_load(url, ["--mode", "handshake", "--connections", "2", "--duration", "1s"], 1)
             ok = report is not None and report["handshakes"]["succeeded"] > 0 and report["handshakes"]["failed"] == 0
             print(f"  preflight {target.name:8} {kind:6} {url:32} {'ok' if ok else 'FAILED'}", flush=True)
             if not ok:
                 detail = json.dumps(report) if report else err
                 raise RuntimeError(f"{target.name} {url} does not upgrade:\n{detail}\n"
                                    f"server log:\n{tail(target.server.log_path())}")
-
-
-# --------------------------------------------------------------------------
-# The full-handshake client
-
-
-def full_handshake_client(url: str, cafile: str, args: list[str]) -> int:
-    """Upgrades and closes as fast as it can with `--connections` concurrent
-    loops for `--duration` seconds, and prints a report with the fields of
-    `wsgate load --json` that this script reads. Python's ssl module never
-    reuses a session unless handed one, so every handshake is a full one."""
-    import asyncio
-    import base64
-    import ssl
-    from urllib.parse import urlsplit
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--duration", type=lambda t: float(t.rstrip("s")), default=5.0)
-    opts = parser.parse_args(args)
-    parts = urlsplit(url)
-    host, port = parts.hostname, parts.port
-    context = None
-    if parts.scheme == "wss":
-        context = ssl.create_default_context(cafile=cafile)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-    request_head = (f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                    f"Sec-WebSocket-Version: 13\r\nOrigin: {ORIGIN}\r\n")
-    counts = {"attempted": 0, "succeeded": 0, "failed": 0, "closed_early": 0}
-    latencies: list[float] = []
-    statuses: dict[str, int] = {}
-    failure_kinds: dict[str, int] = {}
-
-    async def one() -> None:
-        started = time.monotonic()
-        reader, writer = await asyncio.open_connection(
-            host, port, ssl=context, server_hostname=host if context else None)
-        try:
-            key = base64.b64encode(os.urandom(16)).decode()
-            writer.write(f"{request_head}Sec-WebSocket-Key: {key}\r\n\r\n".encode())
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = head.split(b" ", 2)[1].decode()
-            statuses[status] = statuses.get(status, 0) + 1
-            if status != "101":
-                counts["failed"] += 1
-                return
-            counts["succeeded"] += 1
-            latencies.append(time.monotonic() - started)
-            # The client's close (masked, code 1000), as `wsgate load` does;
-            # then wait for the end of the stream. (`wsgate echo` closes the
-            # TCP connection without sending its close frame back, so a
-            # missing close frame is not counted against the proxy.)
-            mask = os.urandom(4)
-            writer.write(b"\x88\x82" + mask + bytes(b ^ mask[i] for i, b in enumerate(b"\x03\xe8")))
-            try:
-                await asyncio.wait_for(reader.read(), 5)
-            except asyncio.TimeoutError:
-                counts["closed_early"] += 1
-        finally:
-            # No TLS close_notify dance: the server has closed already.
-            writer.transport.abort()
-
-    async def loop(deadline: float) -> None:
-        while time.monotonic() < deadline:
-            counts["attempted"] += 1
-            try:
-                await asyncio.wait_for(one(), 10)
-            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ssl.SSLError, IndexError) as error:
-                counts["failed"] += 1
-                kind = type(error).__name__
-                failure_kinds[kind] = failure_kinds.get(kind, 0) + 1
-
-    async def run() -> float:
-        start = time.monotonic()
-        await asyncio.gather(*(loop(start + opts.duration) for _ in range(opts.connections)))
-        return time.monotonic() - start
-
-    elapsed = asyncio.run(run())
-    latencies.sort()
-    p99 = latencies[int(len(latencies) * 0.99)] * 1000 if latencies else None
-    print(json.dumps({
-        "url": url, "mode": "handshake", "connections": opts.connections, "elapsed_secs": elapsed,
-        "handshakes": {"attempted": counts["attempted"], "succeeded": counts["succeeded"],
-                       "failed": counts["failed"], "unfinished": 0,
-                       "succeeded_per_sec": counts["succeeded"] / elapsed},
-        "statuses": statuses,
-        "failures": failure_kinds,
-        "handshake_latency_ms": {"p99": p99} if p99 is not None else None,
-        "echo_rtt_ms": None,
-        "messages": {"sent": 0, "received": 0, "bytes_sent": 0, "bytes_received": 0},
-        "errors": {"echo_mismatch": 0, "echo_timeout": 0, "closed_early": counts["closed_early"]},
-        "peak_open_connections": opts.connections,
-    }))
-    return 0 if counts["succeeded"] and not counts["failed"] else 1
 
 
 # --------------------------------------------------------------------------
@@ -1127,7 +1017,6 @@ def main() -> int:
     subprocess.run([str(WSGATE), "cert", "--out", str(work), "--name", "bench", "localhost", LOOPBACK],
                    check=True, timeout=30, stdout=subprocess.DEVNULL)
     cert, key = work / "bench.crt", work / "bench.key"
-    opts.cafile = cert
     # HAProxy wants the certificate and its key in one PEM.
     pem = work / "bench.pem"
     pem.write_bytes(cert.read_bytes() + key.read_bytes())
@@ -1178,7 +1067,7 @@ def main() -> int:
                 target.server.start()
         print(f"work dir {work}; backend on {backend_port}", flush=True)
         kinds = {w.listener for w in works} | {"plain"}
-        preflight(targets, kinds, opts.cafile if any(w.client == "python" for w in works) else None)
+        preflight(targets, kinds)
         meta["tls_resumption"] = {t.name: tls_resumes(p[t.name]["tls"]) for t in targets if t.is_proxy}
         meta["server_threads"] = {t.name: sum(status_field(pid, "Threads") for pid in t.server.pids())
                                   for t in targets}
@@ -1242,9 +1131,6 @@ def describe(record: dict, work: Workload) -> str:
 
 
 if __name__ == "__main__":
-    # Internal: the full-handshake client, run by this script on the client CPU.
-    if len(sys.argv) > 3 and sys.argv[1] == "--full-handshake-client":
-        sys.exit(full_handshake_client(sys.argv[2], sys.argv[3], sys.argv[4:]))
     try:
         sys.exit(main())
     except KeyboardInterrupt:

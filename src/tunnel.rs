@@ -106,12 +106,14 @@ impl Pump {
 
     /// Drives this direction as far as it can go; `Ready` once the reader hit
     /// EOF and the writer has been shut down. `moved` is set when any byte
-    /// was read, for the idle clock.
+    /// was read, for the idle clock. `writer_sent_fin`: the side we write to
+    /// has finished sending.
     fn poll_pump<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         mut reader: Pin<&mut R>,
         mut writer: Pin<&mut W>,
+        writer_sent_fin: bool,
         moved: &mut bool,
     ) -> Poll<Result<(), PumpError>>
     where
@@ -148,7 +150,12 @@ impl Pump {
                     ready_or_return!(writer.as_mut().poll_flush(cx).map_err(PumpError::Write));
                     self.needs_flush = false;
                 }
-                ready_or_return!(writer.as_mut().poll_shutdown(cx).map_err(PumpError::Write));
+                // Once both sides have sent their FIN nothing is left to pass
+                // on: dropping the socket sends ours, so a shutdown first
+                // would be a syscall per connection for nothing.
+                if !writer_sent_fin {
+                    ready_or_return!(writer.as_mut().poll_shutdown(cx).map_err(PumpError::Write));
+                }
                 self.finished = true;
                 return Poll::Ready(Ok(()));
             }
@@ -268,16 +275,20 @@ where
 
     let cause = poll_fn(|cx| {
         let mut moved = false;
+        let upstream_sent_fin = to_client.read_closed;
         let upward = to_upstream.poll_pump(
             cx,
             Pin::new(&mut client),
             Pin::new(&mut upstream),
+            upstream_sent_fin,
             &mut moved,
         );
+        let client_sent_fin = to_upstream.read_closed;
         let downward = to_client.poll_pump(
             cx,
             Pin::new(&mut upstream),
             Pin::new(&mut client),
+            client_sent_fin,
             &mut moved,
         );
         for (result, read_side, write_side) in [

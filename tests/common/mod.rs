@@ -597,12 +597,7 @@ pub fn assert_rejected(head: &Head, body: &str, status: u16, reason: &str) {
 
 /// `Sec-WebSocket-Accept` for a key (RFC 6455 §4.2.2).
 pub fn accept_key(key: &str) -> String {
-    use base64::Engine;
-    use sha1::{Digest, Sha1};
-    let mut sha = Sha1::new();
-    sha.update(key.trim().as_bytes());
-    sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
-    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
+    tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.trim().as_bytes())
 }
 
 /// A raw 101 answering `request_head`, with extra header lines.
