@@ -199,3 +199,49 @@ async fn health_and_readiness_answer_200() {
     assert_eq!(admin_get(admin, "/nope").await.0, 404);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn readiness_answers_503_while_draining_and_open_tunnels_are_cut_at_drain_timeout() {
+    use futures_util::StreamExt;
+    let backend = spawn_ws_echo().await;
+    let proxy = start_proxy(&format!(
+        r#"
+        [[listener]]
+        addr = "127.0.0.1:0"
+        [admin]
+        addr = "127.0.0.1:0"
+        [server]
+        drain_timeout = "1s"
+        [upstream.echo]
+        servers = ["{}"]
+        [[route]]
+        path = "/"
+        upstream = "echo"
+        missing_origin = "allow"
+        "#,
+        backend.addr
+    ))
+    .await;
+    let admin = proxy.admin.unwrap();
+    let (mut tunnel, _) = ws_connect(proxy.addr(), "/", &[]).await.unwrap();
+    let started = std::time::Instant::now();
+    let stopped = proxy.begin_shutdown();
+    // The open tunnel keeps the drain going, and meanwhile a load balancer
+    // polling /readyz is told to send new clients elsewhere.
+    until("/readyz to answer 503", || async {
+        admin_get(admin, "/readyz").await == (503, "draining\n".to_owned())
+    })
+    .await;
+    loop {
+        match within("the tunnel to be cut", tunnel.next()).await {
+            None | Some(Err(_)) => break,
+            Some(Ok(_)) => continue,
+        }
+    }
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(900),
+        "cut after {:?}",
+        started.elapsed()
+    );
+    within("the proxy to stop", stopped).await.unwrap().unwrap();
+}
