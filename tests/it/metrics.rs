@@ -175,21 +175,7 @@ async fn metrics_count_upgrades_rejections_tunnel_bytes_and_http_statuses() {
 #[tokio::test]
 async fn health_and_readiness_answer_200() {
     let backend = spawn_ws_echo().await;
-    let proxy = start_proxy(&format!(
-        r#"
-        [[listener]]
-        addr = "127.0.0.1:0"
-        [admin]
-        addr = "127.0.0.1:0"
-        [upstream.echo]
-        servers = ["{}"]
-        [[route]]
-        path = "/"
-        upstream = "echo"
-        "#,
-        backend.addr
-    ))
-    .await;
+    let proxy = start_proxy(&admin_config(backend.addr, "")).await;
     let admin = proxy.admin.unwrap();
     assert_eq!(admin_get(admin, "/healthz").await, (200, "ok\n".to_owned()));
     assert_eq!(
@@ -204,24 +190,7 @@ async fn health_and_readiness_answer_200() {
 async fn readiness_answers_503_while_draining_and_open_tunnels_are_cut_at_drain_timeout() {
     use futures_util::StreamExt;
     let backend = spawn_ws_echo().await;
-    let proxy = start_proxy(&format!(
-        r#"
-        [[listener]]
-        addr = "127.0.0.1:0"
-        [admin]
-        addr = "127.0.0.1:0"
-        [server]
-        drain_timeout = "1s"
-        [upstream.echo]
-        servers = ["{}"]
-        [[route]]
-        path = "/"
-        upstream = "echo"
-        missing_origin = "allow"
-        "#,
-        backend.addr
-    ))
-    .await;
+    let proxy = start_proxy(&admin_config(backend.addr, "drain_timeout = \"1s\"")).await;
     let admin = proxy.admin.unwrap();
     let (mut tunnel, _) = ws_connect(proxy.addr(), "/", &[]).await.unwrap();
     let started = std::time::Instant::now();
@@ -244,4 +213,25 @@ async fn readiness_answers_503_while_draining_and_open_tunnels_are_cut_at_drain_
         started.elapsed()
     );
     within("the proxy to stop", stopped).await.unwrap().unwrap();
+}
+
+/// One echo route that lets Origin-less clients in, plus the admin listener;
+/// `server` goes into `[server]`.
+fn admin_config(backend: std::net::SocketAddr, server: &str) -> String {
+    format!(
+        r#"
+        [[listener]]
+        addr = "127.0.0.1:0"
+        [admin]
+        addr = "127.0.0.1:0"
+        [server]
+        {server}
+        [upstream.echo]
+        servers = ["{backend}"]
+        [[route]]
+        path = "/"
+        upstream = "echo"
+        missing_origin = "allow"
+        "#
+    )
 }
