@@ -106,7 +106,7 @@ fn bench_router(c: &mut Criterion) {
     group.bench_function("host_route_hit", |b| {
         b.iter(|| {
             router::route(
-                black_box(&routes),
+                black_box(&routes).iter().map(|route| &**route),
                 black_box("chat.example.com"),
                 black_box("/ws/room/42"),
             )
@@ -115,7 +115,7 @@ fn bench_router(c: &mut Criterion) {
     group.bench_function("hostless_fallback", |b| {
         b.iter(|| {
             router::route(
-                black_box(&routes),
+                black_box(&routes).iter().map(|route| &**route),
                 black_box("other.example.org"),
                 black_box("/live/feed"),
             )
@@ -126,7 +126,11 @@ fn bench_router(c: &mut Criterion) {
     group.bench_function("normalise_host_then_route", |b| {
         b.iter(|| {
             let host = router::normalise_request_host(black_box("Chat.Example.COM:8443"));
-            router::route(black_box(&routes), &host, black_box("/ws/room/42"))
+            router::route(
+                black_box(&routes).iter().map(|route| &**route),
+                &host,
+                black_box("/ws/room/42"),
+            )
         })
     });
     group.finish();
@@ -247,7 +251,9 @@ fn bench_headers(c: &mut Criterion) {
             browser_upgrade,
             |map| {
                 let host = router::normalise_request_host("chat.example.com");
-                let index = router::route(&routes, &host, "/ws/room/42").expect("routed");
+                let index =
+                    router::route(routes.iter().map(|route| &**route), &host, "/ws/room/42")
+                        .expect("routed");
                 let client = headers::client_ip(lb, map, &trusted);
                 let origin_ok = map
                     .get("origin")

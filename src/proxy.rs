@@ -199,13 +199,15 @@ async fn handle_inner(
         return Err(Rejection::HeaderTooLarge { limit });
     }
     let host = request_host(&request);
-    let index =
-        router::route(&state.route_configs, &host, request.uri().path()).ok_or_else(|| {
-            Rejection::NoRoute {
-                host: host.clone(),
-                path: request.uri().path().to_owned(),
-            }
-        })?;
+    let index = router::route(
+        state.routes.iter().map(|route| &*route.config),
+        &host,
+        request.uri().path(),
+    )
+    .ok_or_else(|| Rejection::NoRoute {
+        host: host.clone(),
+        path: request.uri().path().to_owned(),
+    })?;
     let route = &state.routes[index];
     facts.route = Some(index);
     let (mut parts, body) = request.into_parts();

@@ -1,8 +1,6 @@
 //! Route choice: routes that name a `host` beat routes without one; among
 //! those, the longest path prefix matching on a segment boundary wins.
 
-use std::sync::Arc;
-
 use crate::config::RouteConfig;
 
 /// `Host` without port, lower-case, without a trailing dot; IPv6 literals keep
@@ -29,10 +27,15 @@ pub fn path_matches(prefix: &str, path: &str) -> bool {
     }
 }
 
-/// Index into `routes` of the route for `host` (already normalised) and `path`.
-pub fn route(routes: &[Arc<RouteConfig>], host: &str, path: &str) -> Option<usize> {
+/// Index, in `routes`' order, of the route for `host` (already normalised)
+/// and `path`.
+pub fn route<'a>(
+    routes: impl IntoIterator<Item = &'a RouteConfig>,
+    host: &str,
+    path: &str,
+) -> Option<usize> {
     routes
-        .iter()
+        .into_iter()
         .enumerate()
         .filter(|(_, route)| route.host.as_deref().is_none_or(|wanted| wanted == host))
         .filter(|(_, route)| path_matches(&route.path, path))
@@ -50,6 +53,8 @@ pub fn route(routes: &[Arc<RouteConfig>], host: &str, path: &str) -> Option<usiz
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
     use crate::config::Config;
 
     fn routes(toml_routes: &str) -> Vec<Arc<RouteConfig>> {
@@ -62,7 +67,12 @@ mod tests {
     }
 
     fn chosen(routes: &[Arc<RouteConfig>], host: &str, path: &str) -> Option<String> {
-        route(routes, &normalise_request_host(host), path).map(|index| routes[index].name.clone())
+        route(
+            routes.iter().map(|route| &**route),
+            &normalise_request_host(host),
+            path,
+        )
+        .map(|index| routes[index].name.clone())
     }
 
     #[test]

@@ -18,8 +18,6 @@ pub struct Route {
 
 pub struct State {
     pub server: ServerConfig,
-    /// Same order as `routes`; kept apart so the router stays a pure function of config.
-    pub route_configs: Vec<Arc<RouteConfig>>,
     pub routes: Vec<Route>,
     /// Series for requests no route matched (`route="-"`).
     pub unrouted_metrics: RouteMetrics,
@@ -63,7 +61,6 @@ impl State {
             .collect::<Result<Vec<_>, String>>()?;
         Ok(State {
             server: config.server.clone(),
-            route_configs: config.routes.clone(),
             routes,
             unrouted_metrics: metrics.route("-"),
             listener_tls,
