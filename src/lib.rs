@@ -11,12 +11,17 @@
 //!
 //! - [`server`]: listeners, accept loop, TLS handshake, connection limit,
 //!   reload and graceful drain.
-//! - [`proxy`]: the per-request pipeline; the one place a [`error::Rejection`]
-//!   becomes a response.
+//! - [`head`]: the connection's first request head, read before anyone
+//!   parses it; a WebSocket upgrade there goes to [`upgrade`], anything else
+//!   to hyper.
+//! - [`proxy`]: the per-request pipeline (admission) and hyper's entry
+//!   point; the one place a refusal is logged and counted.
 //! - [`router`]: host + longest path prefix → route.
 //! - [`policy`]: IP, handshake shape, origin and subprotocol checks.
 //! - [`headers`]: hop-by-hop stripping and forwarding headers.
 //! - [`upstream`]: backend pools, balancing, connects.
+//! - [`upgrade`]: the exchange with the backend, the 101 and the tunnel's
+//!   start; [`wire`] reads and writes its HTTP/1.1 heads.
 //! - [`tunnel`]: the byte splice with idle timeout.
 //!
 //! Around it: [`config`] (TOML → validated types), [`state`] (one runtime
@@ -41,8 +46,10 @@ pub mod server;
 pub mod state;
 pub mod tls;
 pub mod tunnel;
+pub mod upgrade;
 pub mod upgraded;
 pub mod upstream;
+pub mod wire;
 
 pub use config::Config;
 pub use server::{Proxy, Reloader};

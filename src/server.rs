@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWrite;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +28,9 @@ use crate::head::{self, FirstHead, Prefixed};
 use crate::metrics::Metrics;
 use crate::proxy::{self, Connection};
 use crate::state::State;
+use crate::upgrade::Tunnel;
+use crate::upgraded::ClientConn;
+use crate::wire;
 
 /// Holds one unit of `max_connections` until dropped.
 struct ConnectionSlot(Arc<AtomicUsize>);
@@ -172,6 +175,8 @@ impl Proxy {
         }
         let stopped = CancellationToken::new();
         let _stop_admin = stopped.clone().drop_guard();
+        let _tick =
+            tokio_util::task::AbortOnDropHandle::new(tokio::spawn(keep_timer_wakeups_near()));
         if let Some(admin) = self.admin {
             tokio::spawn(crate::admin::serve(
                 admin,
@@ -206,6 +211,20 @@ impl Proxy {
         }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// tokio's timer driver interrupts its own `epoll_wait` (an eventfd write,
+/// then an extra turn of the loop) whenever a timer is armed earlier than the
+/// wake-up it planned when it last parked. With nothing due soon, that is
+/// every new connection's first timeout: two extra syscalls per handshake. A
+/// one-second tick keeps the planned wake-up at most a second away, so
+/// arming the per-connection timeouts, all a second or longer, never does.
+async fn keep_timer_wakeups_near() {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
     }
 }
 
@@ -307,7 +326,19 @@ struct ConnectionTask {
 }
 
 impl ConnectionTask {
-    async fn run(mut self) {
+    /// The task's future. Everything before a tunnel is boxed and freed when
+    /// it ends, so a connection that became a WebSocket keeps, for the
+    /// tunnel's whole life, only the tunnel's own small state.
+    fn run(self) -> impl Future<Output = ()> + Send + 'static {
+        let serving = Box::pin(self.serve());
+        async move {
+            if let Some(tunnel) = serving.await {
+                tunnel.run().await;
+            }
+        }
+    }
+
+    async fn serve(mut self) -> Option<Tunnel> {
         let _ = self.tcp.set_nodelay(true);
         let acceptor = self
             .state
@@ -316,8 +347,10 @@ impl ConnectionTask {
             .cloned()
             .flatten();
         if self.over_limit {
-            self.refuse_overloaded(acceptor.is_some()).await;
-            return;
+            // Rare paths are boxed: inline, they would grow every connection
+            // task, which lives as long as its tunnel.
+            Box::pin(self.refuse_overloaded(acceptor.is_some())).await;
+            return None;
         }
         if self
             .state
@@ -326,24 +359,14 @@ impl ConnectionTask {
             .copied()
             .unwrap_or(false)
         {
-            match self.read_proxy_header().await {
+            match Box::pin(self.read_proxy_header()).await {
                 Some(client) => self.peer = client,
-                None => return,
+                None => return None,
             }
         }
         let peer = self.peer;
-        let connection = |tls: bool| Connection {
-            peer,
-            tls,
-            state: self.state.clone(),
-            tunnels: self.tracker.clone(),
-            drain: self.drain.clone(),
-            slot: Arc::new(self.slot),
-        };
-        match acceptor {
-            // Boxed: the serving future is several KiB, and tokio copies a spawned
-            // future whole at spawn and again when it completes.
-            None => Box::pin(serve_http(self.tcp, connection(false), self.stop_accepting)).await,
+        let io = match acceptor {
+            None => ClientConn::Plain(self.tcp),
             Some(acceptor) => {
                 let handshake_timeout = self.state.server.tls_handshake_timeout;
                 match Box::pin(tokio::time::timeout(
@@ -352,14 +375,27 @@ impl ConnectionTask {
                 ))
                 .await
                 {
-                    Ok(Ok(tls)) => {
-                        Box::pin(serve_http(tls, connection(true), self.stop_accepting)).await
+                    Ok(Ok(tls)) => ClientConn::Tls(Box::new(tls)),
+                    Ok(Err(error)) => {
+                        tracing::debug!(%peer, %error, "TLS handshake failed");
+                        return None;
                     }
-                    Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, ?handshake_timeout, "TLS handshake timed out"),
+                    Err(_) => {
+                        tracing::debug!(%peer, ?handshake_timeout, "TLS handshake timed out");
+                        return None;
+                    }
                 }
             }
-        }
+        };
+        let connection = Connection {
+            peer,
+            tls: matches!(io, ClientConn::Tls(_)),
+            state: self.state,
+            tunnels: self.tracker,
+            drain: self.drain,
+            slot: Arc::new(self.slot),
+        };
+        serve_http(io, connection, self.stop_accepting).await
     }
 
     /// The client address a PROXY header vouches for (the TCP peer for a
@@ -401,32 +437,16 @@ impl ConnectionTask {
 
 /// Answers a connection hyper never got to see, then closes it.
 async fn write_rejection<IO: AsyncWrite + Unpin>(io: &mut IO, rejection: Rejection) {
-    let response = rejection.into_response();
-    let mut head = format!("HTTP/1.1 {}\r\n", response.status());
-    for (name, value) in response.headers() {
-        head.push_str(&format!(
-            "{}: {}\r\n",
-            name,
-            value.to_str().unwrap_or_default()
-        ));
-    }
-    let body = response.body();
-    head.push_str(&format!(
-        "content-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    ));
-    let write = async {
-        io.write_all(head.as_bytes()).await?;
-        io.write_all(body).await?;
-        io.shutdown().await
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(2), write).await;
+    crate::upgrade::write_final(io, &rejection.into_response()).await;
 }
 
-async fn serve_http<IO>(mut io: IO, connection: Connection, stop_accepting: CancellationToken)
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+/// Serves one client connection: a WebSocket upgrade as its first request is
+/// handled directly and becomes a [`Tunnel`]; anything else goes to hyper.
+async fn serve_http(
+    mut io: ClientConn,
+    connection: Connection,
+    stop_accepting: CancellationToken,
+) -> Option<Tunnel> {
     let server = &connection.state.server;
     let peer = connection.peer;
     let first_head = match head::read_first_head(
@@ -447,15 +467,40 @@ where
                 .unrouted_metrics
                 .rejection(rejection.reason());
             write_rejection(&mut io, rejection).await;
-            return;
+            return None;
         }
         FirstHead::TimedOut => {
             tracing::debug!(%peer, timeout = ?server.header_timeout, "no complete request head in time; closing");
-            return;
+            return None;
         }
-        FirstHead::Closed => return,
+        FirstHead::Closed => return None,
     };
-    let io = Prefixed::new(first_head, io);
+    let connection = Arc::new(connection);
+    if let Some(upgrade) = wire::parse_upgrade_request(&first_head) {
+        let rest = first_head.slice(upgrade.head_len..);
+        drop(first_head);
+        return crate::upgrade::serve_direct(io, upgrade, rest, connection).await;
+    }
+    // Boxed: hyper's connection future is several KiB, and a WebSocket
+    // served directly keeps this task alive for the tunnel's whole life.
+    Box::pin(serve_with_hyper(
+        Prefixed::new(first_head, io),
+        connection,
+        stop_accepting,
+    ))
+    .await;
+    None
+}
+
+/// Serves requests with hyper until the connection ends: plain HTTP, and
+/// upgrades that follow other requests on a keep-alive connection.
+async fn serve_with_hyper(
+    io: Prefixed<ClientConn>,
+    connection: Arc<Connection>,
+    stop_accepting: CancellationToken,
+) {
+    let server = &connection.state.server;
+    let peer = connection.peer;
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -469,8 +514,8 @@ where
         .max_headers(512)
         .preserve_header_case(true)
         .keep_alive(true);
-    let connection = Arc::new(connection);
-    let service = service_fn(move |request| proxy::handle(request, connection.clone()));
+    let for_service = connection.clone();
+    let service = service_fn(move |request| proxy::handle(request, for_service.clone()));
     let serving = builder
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();

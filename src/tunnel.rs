@@ -252,10 +252,11 @@ fn cause_of(error: &io::Error, side: Side) -> CloseCause {
 }
 
 /// Splices `client` and `upstream` until both directions end, the tunnel sits
-/// idle for `idle_timeout`, or `drain` is cancelled.
+/// idle for `idle_timeout`, or `drain` is cancelled. The streams are
+/// borrowed so they are held once, by the caller, for the tunnel's life.
 pub async fn splice<C, U>(
-    mut client: C,
-    mut upstream: U,
+    client: &mut C,
+    upstream: &mut U,
     idle_timeout: Duration,
     drain: CancellationToken,
 ) -> TunnelOutcome
@@ -278,16 +279,16 @@ where
         let upstream_sent_fin = to_client.read_closed;
         let upward = to_upstream.poll_pump(
             cx,
-            Pin::new(&mut client),
-            Pin::new(&mut upstream),
+            Pin::new(&mut *client),
+            Pin::new(&mut *upstream),
             upstream_sent_fin,
             &mut moved,
         );
         let client_sent_fin = to_upstream.read_closed;
         let downward = to_client.poll_pump(
             cx,
-            Pin::new(&mut upstream),
-            Pin::new(&mut client),
+            Pin::new(&mut *upstream),
+            Pin::new(&mut *client),
             client_sent_fin,
             &mut moved,
         );

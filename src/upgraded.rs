@@ -1,11 +1,11 @@
-//! Getting our own sockets back out of hyper's upgrade.
+//! The two sides of a tunnel as concrete stream types.
 //!
 //! hyper hands over an upgraded connection as `Upgraded`: a boxed, type-erased
 //! stream behind two layers of read-buffer conversion that forget a buffer was
 //! already initialised — so tokio-rustls zero-fills 16 KiB on every read. The
-//! tunnel instead downcasts to the concrete stream types it knows (plain or
-//! TLS client, upstream connection), keeping the bytes hyper had read past the
-//! HTTP head in front of them, and splices those directly.
+//! tunnel instead downcasts to the client connection type it knows, keeping the bytes hyper had read past the HTTP head in front of
+//! them, and splices those directly. Upgrades served without hyper
+//! ([`crate::upgrade::serve_direct`]) have their streams already.
 
 use bytes::{Bytes, BytesMut};
 use hyper::upgrade::Upgraded;
@@ -64,57 +64,37 @@ macro_rules! delegate_async_io {
 }
 pub(crate) use delegate_async_io;
 
-type ClientTls = tokio_rustls::server::TlsStream<TcpStream>;
+/// A client connection as accepted: plain TCP, or a TLS session boxed once
+/// (over a KiB) so the futures it passes through stay small.
+pub enum ClientConn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+delegate_async_io!(ClientConn { Plain, Tls });
 
 /// The client side of a tunnel.
 pub enum ClientIo {
-    Plain(Prefixed<TcpStream>),
-    Tls(Box<Prefixed<ClientTls>>),
+    Conn(Prefixed<ClientConn>),
     /// A stream type this module does not know; spliced through hyper's wrapper.
     Other(TokioIo<Upgraded>),
 }
 
-delegate_async_io!(ClientIo { Plain, Tls, Other });
+delegate_async_io!(ClientIo { Conn, Other });
 
-/// The upstream side of a tunnel.
-pub enum UpstreamIo {
-    Direct(Prefixed<UpstreamStream>),
-    Other(TokioIo<Upgraded>),
-}
-
-delegate_async_io!(UpstreamIo { Direct, Other });
+/// The upstream side of a tunnel: the connection the upgrade was sent on,
+/// with whatever the backend sent behind its 101 in front.
+pub type UpstreamIo = Prefixed<UpstreamStream>;
 
 impl ClientIo {
     pub fn from_upgraded(upgraded: Upgraded) -> ClientIo {
-        let upgraded = match upgraded.downcast::<TokioIo<Prefixed<TcpStream>>>() {
-            Ok(parts) => {
-                return ClientIo::Plain(parts.io.into_inner().with_more_in_front(parts.read_buf));
-            }
-            Err(upgraded) => upgraded,
-        };
-        match upgraded.downcast::<TokioIo<Prefixed<ClientTls>>>() {
-            Ok(parts) => ClientIo::Tls(Box::new(
-                parts.io.into_inner().with_more_in_front(parts.read_buf),
-            )),
+        match upgraded.downcast::<TokioIo<Prefixed<ClientConn>>>() {
+            Ok(parts) => ClientIo::Conn(parts.io.into_inner().with_more_in_front(parts.read_buf)),
             Err(upgraded) => {
                 tracing::debug!(
                     "client stream type not recognised; splicing through hyper's wrapper"
                 );
                 ClientIo::Other(TokioIo::new(upgraded))
-            }
-        }
-    }
-}
-
-impl UpstreamIo {
-    pub fn from_upgraded(upgraded: Upgraded) -> UpstreamIo {
-        match upgraded.downcast::<TokioIo<UpstreamStream>>() {
-            Ok(parts) => UpstreamIo::Direct(Prefixed::new(parts.read_buf, parts.io.into_inner())),
-            Err(upgraded) => {
-                tracing::debug!(
-                    "upstream stream type not recognised; splicing through hyper's wrapper"
-                );
-                UpstreamIo::Other(TokioIo::new(upgraded))
             }
         }
     }

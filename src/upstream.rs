@@ -233,13 +233,19 @@ impl Upstream {
                     let name = ServerName::try_from(host.to_owned()).map_err(|error| {
                         unavailable(io::Error::new(io::ErrorKind::InvalidInput, error))
                     })?;
+                    // Boxed: the handshake future is large, and plaintext
+                    // connects should not carry its size.
                     StreamKind::Tls(Box::new(
-                        connector.connect(name, tcp).await.map_err(unavailable)?,
+                        Box::pin(connector.connect(name, tcp))
+                            .await
+                            .map_err(unavailable)?,
                     ))
                 }
             };
             Ok(io)
         };
+        // Pinned in place: handing the future itself to `timeout` would copy it.
+        let attempt = std::pin::pin!(attempt);
         let io =
             tokio::time::timeout(timeout, attempt)
                 .await

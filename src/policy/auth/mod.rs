@@ -93,8 +93,11 @@ impl AuthPolicy {
     pub async fn check(&self, parts: &Parts) -> Result<AuthGrant, Rejection> {
         match &self.mode {
             Mode::Jwt(auth) => auth.check(parts, unix_now()),
+            // Boxed: the subrequest's future is large, and every request's
+            // future (a direct WebSocket's lives as long as its tunnel) would
+            // otherwise be sized for it.
             Mode::Forward(auth) => Ok(AuthGrant {
-                headers: auth.check(parts).await?,
+                headers: Box::pin(auth.check(parts)).await?,
                 strip_query: None,
             }),
         }

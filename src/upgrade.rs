@@ -1,0 +1,292 @@
+//! The WebSocket upgrade after admission: the exchange with the backend, the
+//! answer to the client, and the tunnel.
+//!
+//! A connection whose first request is an upgrade (every browser WebSocket)
+//! is served here directly: [`serve_direct`] parses the head the server
+//! already read, runs the same admission as every request, writes the
+//! backend's 101 to the client and splices, all in the connection's task.
+//! An upgrade that arrives later on a keep-alive connection came through
+//! hyper, and [`through_hyper`] answers it with the same exchange.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{CONTENT_LENGTH, UPGRADE};
+use http::{Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use crate::error::Rejection;
+use crate::head::Prefixed;
+use crate::headers;
+use crate::policy;
+use crate::proxy::{self, Connection, ProxyBody, RequestFacts};
+use crate::state::Route;
+use crate::tunnel;
+use crate::upgraded::{ClientConn, ClientIo, UpstreamIo};
+use crate::upstream::UpstreamStream;
+use crate::wire::{self, AnswerError, ResponseHead, UpgradeRequest};
+
+/// The backend's answer to a forwarded upgrade.
+pub enum Answer {
+    /// A valid 101. `early` holds bytes the backend sent right behind it.
+    Switched {
+        head: ResponseHead,
+        early: Bytes,
+        stream: UpstreamStream,
+    },
+    /// The backend's own refusal, hop-by-hop headers stripped, body whole.
+    Refused(Response<Bytes>),
+}
+
+/// Sends the admitted request to the route's upstream and reads its answer,
+/// within `handshake_timeout` after the connect.
+pub async fn exchange(parts: &http::request::Parts, route: &Route) -> Result<Answer, Rejection> {
+    let upstream = &route.upstream;
+    let mut stream = upstream
+        .connect()
+        .await
+        .map_err(|error| proxy::connect_rejection(&error))?;
+    let name = &upstream.config.name;
+    let timeout = route.config.handshake_timeout;
+    // Pinned in place (in its own block, so the stream is free again after):
+    // handing the future itself to `timeout` would copy it.
+    let answered = {
+        let talk = std::pin::pin!(async {
+            let mut head = Vec::new();
+            wire::encode_request_head(parts, &mut head);
+            stream.write_all(&head).await?;
+            stream.flush().await?;
+            let mut buffer = BytesMut::with_capacity(1024);
+            let answer = wire::read_response_head(&mut stream, &mut buffer).await?;
+            if answer.status == StatusCode::SWITCHING_PROTOCOLS {
+                return Ok((answer, buffer.freeze(), None));
+            }
+            let body = wire::read_body(&mut stream, &answer, buffer).await?;
+            Ok::<_, AnswerError>((answer, Bytes::new(), Some(body)))
+        });
+        tokio::time::timeout(timeout, talk).await
+    };
+    let (head, early, refusal_body) = match answered {
+        Err(_) => {
+            return Err(Rejection::UpstreamTimeout {
+                detail: format!("upstream {name:?} did not answer the upgrade within {timeout:?}"),
+            });
+        }
+        // Garbage is what a backend that is not (yet) an HTTP server sends: a
+        // server down for the client's purposes, as the contract counts it.
+        Ok(Err(error)) => {
+            return Err(Rejection::UpstreamUnavailable {
+                detail: format!("upstream {name:?} failed during the upgrade: {error}"),
+            });
+        }
+        Ok(Ok(answer)) => answer,
+    };
+    if let Some(body) = refusal_body {
+        let mut response = Response::new(body);
+        *response.status_mut() = head.status;
+        *response.headers_mut() = head.headers;
+        headers::strip_hop_by_hop(response.headers_mut(), false);
+        // The relayed body is framed afresh: it was decoded and may have been chunked.
+        response.headers_mut().remove(CONTENT_LENGTH);
+        return Ok(Answer::Refused(response));
+    }
+    if !headers::list_tokens(&head.headers, &UPGRADE)
+        .any(|token| token.eq_ignore_ascii_case("websocket"))
+    {
+        return Err(Rejection::UpstreamProtocol {
+            detail: format!("upstream {name:?} answered 101 without Upgrade: websocket"),
+        });
+    }
+    policy::check_selected_subprotocol(&parts.headers, &head.headers)?;
+    Ok(Answer::Switched {
+        head,
+        early,
+        stream,
+    })
+}
+
+/// A WebSocket the proxy has switched: what its tunnel needs, and nothing
+/// of the handshake that made it.
+pub struct Tunnel {
+    client: Prefixed<ClientConn>,
+    upstream: UpstreamIo,
+    conn: Arc<Connection>,
+    route: usize,
+    client_ip: IpAddr,
+}
+
+impl Tunnel {
+    pub async fn run(mut self) {
+        let Some(route) = self.conn.state.routes.get(self.route) else {
+            return;
+        };
+        run_tunnel(
+            &mut self.client,
+            &mut self.upstream,
+            route,
+            &self.conn,
+            self.client_ip,
+        )
+        .await;
+    }
+}
+
+/// Serves a connection whose first request is a WebSocket upgrade up to the
+/// switch: admission, the exchange with the backend, the 101 to the client.
+/// `rest` is whatever the client sent behind the head. Refusals close the
+/// connection, as browsers do after a failed WebSocket handshake anyway.
+pub async fn serve_direct(
+    mut io: ClientConn,
+    request: UpgradeRequest,
+    rest: Bytes,
+    conn: Arc<Connection>,
+) -> Option<Tunnel> {
+    let started = Instant::now();
+    let mut parts = request.parts;
+    let mut facts = RequestFacts::new(&parts, &conn, true);
+    let outcome = match proxy::admit(&mut parts, &conn, &mut facts).await {
+        Ok(route) => exchange(&parts, route).await.map(|answer| (route, answer)),
+        Err(rejection) => Err(rejection),
+    };
+    let (route, answer) = match outcome {
+        Ok(admitted) => admitted,
+        Err(rejection) => {
+            proxy::report_rejection(&conn.state, &facts, &rejection);
+            write_final(&mut io, &rejection.into_response()).await;
+            return None;
+        }
+    };
+    let (head, early, stream) = match answer {
+        Answer::Switched {
+            head,
+            early,
+            stream,
+        } => (head, early, stream),
+        Answer::Refused(response) => {
+            route.metrics.rejected.inc();
+            write_final(&mut io, &response).await;
+            return None;
+        }
+    };
+    count_upgrade(route, started);
+    // The backend's 101 goes out as it came, byte for byte.
+    let sent = async {
+        io.write_all(&head.raw).await?;
+        io.flush().await
+    };
+    if let Err(error) = sent.await {
+        tracing::debug!(peer = %conn.peer, %error, "client left before the 101 was written");
+        return None;
+    }
+    let route = facts.route.unwrap_or_default();
+    Some(Tunnel {
+        client: Prefixed::new(rest, io),
+        upstream: Prefixed::new(early, stream),
+        conn,
+        route,
+        client_ip: facts.client_ip,
+    })
+}
+
+/// Answers an upgrade hyper parsed: the backend's 101 becomes hyper's
+/// response, and the tunnel starts once hyper has written it.
+pub async fn through_hyper(
+    mut parts: http::request::Parts,
+    conn: &Arc<Connection>,
+    route: &Route,
+    route_index: usize,
+    client_ip: IpAddr,
+    started: Instant,
+) -> Result<Response<ProxyBody>, Rejection> {
+    // Claimed before the head goes upstream (what `hyper::upgrade::on` does);
+    // it resolves once hyper has written our 101.
+    let client_upgrade = parts
+        .extensions
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .ok_or(Rejection::BadHandshake {
+            detail: "the connection cannot be upgraded",
+        })?;
+    let (head, early, stream) = match exchange(&parts, route).await? {
+        Answer::Switched {
+            head,
+            early,
+            stream,
+        } => (head, early, stream),
+        Answer::Refused(response) => {
+            route.metrics.rejected.inc();
+            return Ok(response.map(proxy::full));
+        }
+    };
+    count_upgrade(route, started);
+    let conn = conn.clone();
+    conn.tunnels.clone().spawn(async move {
+        let mut client = match client_upgrade.await {
+            Ok(upgraded) => ClientIo::from_upgraded(upgraded),
+            Err(error) => {
+                tracing::debug!(%error, "client upgrade did not complete");
+                return;
+            }
+        };
+        let mut upstream = Prefixed::new(early, stream);
+        let Some(route) = conn.state.routes.get(route_index) else {
+            return;
+        };
+        run_tunnel(&mut client, &mut upstream, route, &conn, client_ip).await;
+    });
+    let mut response = Response::new(proxy::empty());
+    *response.status_mut() = head.status;
+    *response.headers_mut() = head.headers;
+    Ok(response)
+}
+
+fn count_upgrade(route: &Route, started: Instant) {
+    route.metrics.upgraded.inc();
+    route
+        .metrics
+        .handshake_duration
+        .observe(started.elapsed().as_secs_f64());
+}
+
+async fn run_tunnel<C>(
+    client: &mut C,
+    upstream: &mut UpstreamIo,
+    route: &Route,
+    conn: &Connection,
+    client_ip: IpAddr,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let metrics = &route.metrics;
+    metrics.tunnels_active.inc();
+    let outcome = tunnel::splice(
+        client,
+        upstream,
+        route.config.idle_timeout,
+        conn.drain.clone(),
+    )
+    .await;
+    metrics.tunnels_active.dec();
+    metrics.tunnel_closed(&outcome);
+    tracing::debug!(
+        route = %route.config.name,
+        %client_ip,
+        cause = outcome.cause.as_str(),
+        client_to_upstream = outcome.client_to_upstream,
+        upstream_to_client = outcome.upstream_to_client,
+        "tunnel closed"
+    );
+}
+
+/// Writes a response that ends the connection, then closes it; a client that
+/// stops reading gets two seconds.
+pub async fn write_final<IO: AsyncWrite + Unpin>(io: &mut IO, response: &Response<Bytes>) {
+    let mut bytes = Vec::with_capacity(256 + response.body().len());
+    wire::encode_final_response(response, &mut bytes);
+    let write = async {
+        io.write_all(&bytes).await?;
+        io.shutdown().await
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), write).await;
+}

@@ -1,0 +1,480 @@
+//! HTTP/1.1 heads as bytes, for the WebSocket upgrade path.
+//!
+//! An upgrade is one bodiless GET and one answer, after which the connection
+//! stops being HTTP. Taking that through hyper's server and client cost more
+//! CPU than everything else in a plaintext handshake (a dispatcher and its
+//! channels per side, the head parsed twice, header-case maps, the upgrade
+//! hand-over), so the upgrade path reads and writes its heads here with
+//! `httparse`. Plain HTTP stays with hyper, and so does any request this
+//! module declines to parse: hyper then answers it as it would have anyway.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Uri, Version};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::headers;
+
+/// More fields than this in one head is left to hyper (request) or refused
+/// (an upstream's answer).
+const MAX_HEADERS: usize = 128;
+/// An upstream answer head larger than this is not HTTP we want to relay.
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// A backend's refusal is buffered whole before it is relayed; WebSocket
+/// backends refuse with a line or two, and a bound keeps a broken one from
+/// making the proxy hold megabytes.
+pub const MAX_REFUSAL_BODY: usize = 64 * 1024;
+
+/// A client's WebSocket upgrade request, parsed off the wire.
+pub struct UpgradeRequest {
+    pub parts: http::request::Parts,
+    /// Length of the head in the buffer it was parsed from.
+    pub head_len: usize,
+}
+
+/// Parses the start of `buffer` when it is a request the upgrade path serves
+/// on its own: a complete HTTP/1.1 GET asking for a WebSocket upgrade, with no
+/// body. Anything else, including anything malformed, gives `None`.
+pub fn parse_upgrade_request(buffer: &Bytes) -> Option<UpgradeRequest> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut fields);
+    let head_len = match request.parse(buffer) {
+        Ok(httparse::Status::Complete(len)) => len,
+        _ => return None,
+    };
+    if request.method != Some("GET") || request.version != Some(1) {
+        return None;
+    }
+    let uri = Uri::from_maybe_shared(buffer.slice_ref(request.path?.as_bytes())).ok()?;
+    // Room for the forwarding headers the proxy adds, so they do not regrow the map.
+    let mut map = HeaderMap::with_capacity(request.headers.len() + 6);
+    for field in request.headers.iter() {
+        let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
+        let value = HeaderValue::from_maybe_shared(buffer.slice_ref(field.value)).ok()?;
+        map.append(name, value);
+    }
+    if !headers::is_websocket_upgrade(&map) || has_body(&map) {
+        return None;
+    }
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = Method::GET;
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+    parts.headers = map;
+    Some(UpgradeRequest { parts, head_len })
+}
+
+/// A request body would have to be relayed before the upgrade; no browser
+/// sends one, so such requests are left to hyper.
+fn has_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(TRANSFER_ENCODING)
+        || headers
+            .get_all(CONTENT_LENGTH)
+            .iter()
+            .any(|value| value.as_bytes() != b"0")
+}
+
+/// Writes the head of `parts` as an HTTP/1.1 request in origin form.
+pub fn encode_request_head(parts: &http::request::Parts, out: &mut Vec<u8>) {
+    let target = parts
+        .uri
+        .path_and_query()
+        .map(|target| target.as_str())
+        .unwrap_or("/");
+    out.reserve(64 + target.len() + parts.headers.len() * 48);
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    encode_fields(&parts.headers, out);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn encode_fields(headers: &HeaderMap, out: &mut Vec<u8>) {
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Writes a complete response that ends the connection: status line,
+/// headers, an exact `content-length` and `connection: close`, then the body.
+pub fn encode_final_response(response: &Response<Bytes>, out: &mut Vec<u8>) {
+    let status = response.status();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in response.headers() {
+        // Framing and persistence are this response's own, whatever the source said.
+        if name == CONTENT_LENGTH || name == http::header::CONNECTION || name == TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let body = response.body();
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(body.len().to_string().as_bytes());
+    out.extend_from_slice(b"\r\nconnection: close\r\n\r\n");
+    out.extend_from_slice(body);
+}
+
+/// An upstream's answer head.
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    /// The head exactly as it arrived, status line to blank line.
+    pub raw: Bytes,
+}
+
+/// Why an upstream's answer could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerError {
+    #[error("the connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the connection closed before a complete answer")]
+    Closed,
+    #[error("the answer is not valid HTTP/1.1: {0}")]
+    Malformed(&'static str),
+    #[error("the answer's {0} is larger than {1} bytes")]
+    TooLarge(&'static str, usize),
+}
+
+/// Reads the next final (non-1xx, or 101) answer head from `stream`. Bytes
+/// read past the head stay in `buffer`: they are the start of the body, or
+/// of the backend's first WebSocket frames after a 101.
+pub async fn read_response_head<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buffer: &mut BytesMut,
+) -> Result<ResponseHead, AnswerError> {
+    loop {
+        if let Some(head_len) = response_head_len(buffer)? {
+            let raw = buffer.split_to(head_len).freeze();
+            let head = parse_response_head(raw)?;
+            // Interim answers (100, 102, 103) precede the real one (RFC 9110 §15.2).
+            if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
+                continue;
+            }
+            return Ok(head);
+        }
+        if buffer.len() >= MAX_RESPONSE_HEAD {
+            return Err(AnswerError::TooLarge("head", MAX_RESPONSE_HEAD));
+        }
+        if stream.read_buf(buffer).await? == 0 {
+            return Err(AnswerError::Closed);
+        }
+    }
+}
+
+fn response_head_len(buffer: &[u8]) -> Result<Option<usize>, AnswerError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    match httparse::Response::new(&mut fields).parse(buffer) {
+        Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            Err(AnswerError::TooLarge("field count", MAX_HEADERS))
+        }
+        Err(_) => Err(AnswerError::Malformed("bad status line or header field")),
+    }
+}
+
+fn parse_response_head(raw: Bytes) -> Result<ResponseHead, AnswerError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut fields);
+    if !matches!(response.parse(&raw), Ok(httparse::Status::Complete(_))) {
+        return Err(AnswerError::Malformed("bad status line or header field"));
+    }
+    if response.version != Some(1) {
+        return Err(AnswerError::Malformed("not HTTP/1.1"));
+    }
+    let status = response
+        .code
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .ok_or(AnswerError::Malformed("bad status code"))?;
+    let mut headers = HeaderMap::with_capacity(response.headers.len());
+    for field in response.headers.iter() {
+        let name = HeaderName::from_bytes(field.name.as_bytes())
+            .map_err(|_| AnswerError::Malformed("bad header name"))?;
+        let value = HeaderValue::from_maybe_shared(raw.slice_ref(field.value))
+            .map_err(|_| AnswerError::Malformed("bad header value"))?;
+        headers.append(name, value);
+    }
+    Ok(ResponseHead {
+        status,
+        headers,
+        raw,
+    })
+}
+
+/// How a response's body ends (RFC 9112 §6.3).
+#[derive(Debug, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+fn framing(head: &ResponseHead) -> Result<Framing, AnswerError> {
+    let status = head.status;
+    if status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(Framing::Empty);
+    }
+    if head.headers.contains_key(TRANSFER_ENCODING) {
+        let last = headers::list_tokens(&head.headers, &TRANSFER_ENCODING).last();
+        return Ok(match last {
+            Some(coding) if coding.eq_ignore_ascii_case("chunked") => Framing::Chunked,
+            _ => Framing::UntilClose,
+        });
+    }
+    let mut lengths = head.headers.get_all(CONTENT_LENGTH).iter();
+    match lengths.next() {
+        None => Ok(Framing::UntilClose),
+        Some(first) => {
+            if lengths.any(|other| other != first) {
+                return Err(AnswerError::Malformed("conflicting Content-Length"));
+            }
+            std::str::from_utf8(first.as_bytes())
+                .ok()
+                .and_then(|text| text.trim().parse::<u64>().ok())
+                .map(Framing::Length)
+                .ok_or(AnswerError::Malformed("bad Content-Length"))
+        }
+    }
+}
+
+/// Reads the body that follows `head` (its first bytes already in
+/// `buffer`), decoded, at most [`MAX_REFUSAL_BODY`] bytes.
+pub async fn read_body<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    head: &ResponseHead,
+    mut buffer: BytesMut,
+) -> Result<Bytes, AnswerError> {
+    let too_large = || AnswerError::TooLarge("body", MAX_REFUSAL_BODY);
+    match framing(head)? {
+        Framing::Empty => Ok(Bytes::new()),
+        Framing::Length(length) => {
+            let length = usize::try_from(length)
+                .ok()
+                .filter(|&length| length <= MAX_REFUSAL_BODY)
+                .ok_or_else(too_large)?;
+            while buffer.len() < length {
+                if stream.read_buf(&mut buffer).await? == 0 {
+                    return Err(AnswerError::Closed);
+                }
+            }
+            Ok(buffer.split_to(length).freeze())
+        }
+        Framing::UntilClose => {
+            while stream.read_buf(&mut buffer).await? > 0 {
+                if buffer.len() > MAX_REFUSAL_BODY {
+                    return Err(too_large());
+                }
+            }
+            Ok(buffer.freeze())
+        }
+        Framing::Chunked => read_chunked(stream, buffer).await,
+    }
+}
+
+/// RFC 9112 §7.1: chunks of `size CRLF data CRLF`, a zero-size last chunk,
+/// optional trailer fields (dropped), and a blank line.
+async fn read_chunked<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    mut buffer: BytesMut,
+) -> Result<Bytes, AnswerError> {
+    let mut body = BytesMut::new();
+    let mut more = async |buffer: &mut BytesMut| -> Result<(), AnswerError> {
+        if buffer.len() > MAX_REFUSAL_BODY + 1024 {
+            return Err(AnswerError::TooLarge("body", MAX_REFUSAL_BODY));
+        }
+        match stream.read_buf(buffer).await? {
+            0 => Err(AnswerError::Closed),
+            _ => Ok(()),
+        }
+    };
+    loop {
+        let (line_len, size) = match httparse::parse_chunk_size(&buffer) {
+            Ok(httparse::Status::Complete(found)) => found,
+            Ok(httparse::Status::Partial) => {
+                more(&mut buffer).await?;
+                continue;
+            }
+            Err(_) => return Err(AnswerError::Malformed("bad chunk size")),
+        };
+        if size == 0 {
+            buffer.advance(line_len);
+            break;
+        }
+        let size = usize::try_from(size)
+            .ok()
+            .filter(|&size| size <= MAX_REFUSAL_BODY - body.len())
+            .ok_or(AnswerError::TooLarge("body", MAX_REFUSAL_BODY))?;
+        while buffer.len() < line_len + size + 2 {
+            more(&mut buffer).await?;
+        }
+        if &buffer[line_len + size..line_len + size + 2] != b"\r\n" {
+            return Err(AnswerError::Malformed("chunk not ended by CRLF"));
+        }
+        body.extend_from_slice(&buffer[line_len..line_len + size]);
+        buffer.advance(line_len + size + 2);
+    }
+    // Trailer fields, each ended by CRLF, until an empty line.
+    loop {
+        match buffer.windows(2).position(|pair| pair == b"\r\n") {
+            Some(0) => return Ok(body.freeze()),
+            Some(end) => buffer.advance(end + 2),
+            None => more(&mut buffer).await?,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(text: &str) -> Option<UpgradeRequest> {
+        parse_upgrade_request(&Bytes::copy_from_slice(text.as_bytes()))
+    }
+
+    const UPGRADE: &str = "GET /chat?room=1 HTTP/1.1\r\nHost: example.com\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nOrigin: https://App.example.com\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+    #[test]
+    fn upgrade_request_is_parsed_with_values_intact() {
+        let text = format!("{UPGRADE}early");
+        let parsed = request(&text).expect("an upgrade");
+        assert_eq!(parsed.head_len, UPGRADE.len());
+        assert_eq!(parsed.parts.method, Method::GET);
+        assert_eq!(parsed.parts.uri, "/chat?room=1");
+        assert_eq!(parsed.parts.version, Version::HTTP_11);
+        assert_eq!(parsed.parts.headers["origin"], "https://App.example.com");
+        assert_eq!(parsed.parts.headers.len(), 6);
+    }
+
+    #[test]
+    fn other_requests_are_left_to_hyper() {
+        let cases = [
+            UPGRADE.replace("GET", "POST"),
+            UPGRADE.replace("HTTP/1.1", "HTTP/1.0"),
+            UPGRADE.replace("Upgrade: websocket\r\n", ""),
+            UPGRADE.replace("keep-alive, Upgrade", "keep-alive"),
+            UPGRADE.replace("\r\n\r\n", "\r\nContent-Length: 5\r\n\r\n"),
+            UPGRADE.replace("\r\n\r\n", "\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            UPGRADE.replace("\r\n\r\n", "\r\n"),
+            UPGRADE.replace("Host: example.com", "Ho st: example.com"),
+            "GET / HTTP/1.1\r\nHost: a\r\n\r\n".to_owned(),
+        ];
+        for case in cases {
+            assert!(request(&case).is_none(), "{case:?}");
+        }
+        let zero_length = UPGRADE.replace("\r\n\r\n", "\r\nContent-Length: 0\r\n\r\n");
+        assert!(request(&zero_length).is_some());
+    }
+
+    #[test]
+    fn request_head_is_written_in_origin_form() {
+        let parsed = request(UPGRADE).expect("an upgrade");
+        let mut out = Vec::new();
+        encode_request_head(&parsed.parts, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /chat?room=1 HTTP/1.1\r\nhost: example.com\r\nupgrade: websocket\r\nconnection: keep-alive, Upgrade\r\norigin: https://App.example.com\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn final_response_has_exact_framing() {
+        let mut response = Response::new(Bytes::from_static(b"no"));
+        *response.status_mut() = StatusCode::FORBIDDEN;
+        response
+            .headers_mut()
+            .insert(CONTENT_LENGTH, HeaderValue::from_static("99"));
+        response
+            .headers_mut()
+            .insert("x-why", HeaderValue::from_static("origin"));
+        let mut out = Vec::new();
+        encode_final_response(&response, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 403 Forbidden\r\nx-why: origin\r\ncontent-length: 2\r\nconnection: close\r\n\r\nno"
+        );
+    }
+
+    async fn answer(wire: &[u8]) -> Result<(ResponseHead, Bytes, BytesMut), AnswerError> {
+        let mut stream = wire;
+        let mut buffer = BytesMut::new();
+        let head = read_response_head(&mut stream, &mut buffer).await?;
+        if head.status == StatusCode::SWITCHING_PROTOCOLS {
+            return Ok((head, Bytes::new(), buffer));
+        }
+        let body = read_body(&mut stream, &head, buffer).await?;
+        Ok((head, body, BytesMut::new()))
+    }
+
+    #[tokio::test]
+    async fn switching_protocols_keeps_raw_head_and_early_frames() {
+        let head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+        let mut wire = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
+        wire.extend_from_slice(head);
+        wire.extend_from_slice(b"\x81\x02hi");
+        let (parsed, _, early) = answer(&wire).await.unwrap();
+        assert_eq!(parsed.status, StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(&parsed.raw[..], &head[..]);
+        assert_eq!(parsed.headers["upgrade"], "websocket");
+        assert_eq!(&early[..], b"\x81\x02hi");
+    }
+
+    #[tokio::test]
+    async fn refusal_bodies_are_decoded_per_framing() {
+        let cases: [(&[u8], &[u8]); 4] = [
+            (b"HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\n\r\nnopeEXTRA", b"nope"),
+            (
+                b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nbad\r\n5;x=y\r\n req.\r\n0\r\nX-T: 1\r\n\r\n",
+                b"bad req.",
+            ),
+            (b"HTTP/1.1 404 Not Found\r\n\r\nuntil close", b"until close"),
+            (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n", b""),
+        ];
+        for (wire, body) in cases {
+            let (_, got, _) = answer(wire).await.unwrap();
+            assert_eq!(&got[..], body, "{:?}", String::from_utf8_lossy(wire));
+        }
+    }
+
+    #[tokio::test]
+    async fn broken_answers_are_errors() {
+        let cases: [&[u8]; 6] = [
+            b"HTTP/1.1 403 Forbidden\r\nContent-Length: 9\r\n\r\nshort",
+            b"HTTP/1.1 403 Forbidden\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+            b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"HTTP/1.0 101 Switching Protocols\r\n\r\n",
+            b"SSH-2.0-OpenSSH\r\n\r\n",
+            b"HTTP/1.1 101 Switching",
+        ];
+        for wire in cases {
+            assert!(
+                answer(wire).await.is_err(),
+                "{:?}",
+                String::from_utf8_lossy(wire)
+            );
+        }
+        let huge = format!(
+            "HTTP/1.1 403 Forbidden\r\nContent-Length: {}\r\n\r\n",
+            MAX_REFUSAL_BODY + 1
+        );
+        assert!(matches!(
+            answer(huge.as_bytes()).await,
+            Err(AnswerError::TooLarge("body", _))
+        ));
+    }
+}
