@@ -74,6 +74,11 @@ pub async fn exchange(parts: &http::request::Parts, route: &Route) -> Result<Ans
                 detail: format!("upstream {name:?} did not answer the upgrade within {timeout:?}"),
             });
         }
+        Ok(Err(error @ AnswerError::TooLarge(..))) => {
+            return Err(Rejection::UpstreamProtocol {
+                detail: format!("upstream {name:?} answered the upgrade with {error}"),
+            });
+        }
         // Garbage is what a backend that is not (yet) an HTTP server sends: a
         // server down for the client's purposes, as the contract counts it.
         Ok(Err(error)) => {

@@ -155,7 +155,8 @@ pub async fn read_response_head<S: AsyncRead + Unpin>(
     buffer: &mut BytesMut,
 ) -> Result<ResponseHead, AnswerError> {
     loop {
-        if let Some(head_len) = response_head_len(buffer)? {
+        // Found by its blank line first, so a head is parsed once, whole.
+        if let Some(head_len) = blank_line_end(buffer) {
             let raw = buffer.split_to(head_len).freeze();
             let head = parse_response_head(raw)?;
             // Interim answers (100, 102, 103) precede the real one (RFC 9110 §15.2).
@@ -173,23 +174,30 @@ pub async fn read_response_head<S: AsyncRead + Unpin>(
     }
 }
 
-fn response_head_len(buffer: &[u8]) -> Result<Option<usize>, AnswerError> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    match httparse::Response::new(&mut fields).parse(buffer) {
-        Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
-        Ok(httparse::Status::Partial) => Ok(None),
-        Err(httparse::Error::TooManyHeaders) => {
-            Err(AnswerError::TooLarge("field count", MAX_HEADERS))
+/// Offset just past the first empty line, CRLF or bare LF (RFC 9112 §2.2
+/// lets a recipient accept a bare LF as a line terminator).
+fn blank_line_end(bytes: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(at) = bytes[from..].iter().position(|&byte| byte == b'\n') {
+        let newline = from + at;
+        match &bytes[newline + 1..] {
+            [b'\n', ..] => return Some(newline + 2),
+            [b'\r', b'\n', ..] => return Some(newline + 3),
+            _ => from = newline + 1,
         }
-        Err(_) => Err(AnswerError::Malformed("bad status line or header field")),
     }
+    None
 }
 
 fn parse_response_head(raw: Bytes) -> Result<ResponseHead, AnswerError> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut fields);
-    if !matches!(response.parse(&raw), Ok(httparse::Status::Complete(_))) {
-        return Err(AnswerError::Malformed("bad status line or header field"));
+    match response.parse(&raw) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(AnswerError::TooLarge("field count", MAX_HEADERS));
+        }
+        _ => return Err(AnswerError::Malformed("bad status line or header field")),
     }
     if response.version != Some(1) {
         return Err(AnswerError::Malformed("not HTTP/1.1"));
@@ -436,8 +444,9 @@ mod tests {
 
     #[tokio::test]
     async fn refusal_bodies_are_decoded_per_framing() {
-        let cases: [(&[u8], &[u8]); 4] = [
+        let cases: [(&[u8], &[u8]); 5] = [
             (b"HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\n\r\nnopeEXTRA", b"nope"),
+            (b"HTTP/1.1 403 Forbidden\nContent-Length: 2\n\nno", b"no"),
             (
                 b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nbad\r\n5;x=y\r\n req.\r\n0\r\nX-T: 1\r\n\r\n",
                 b"bad req.",

@@ -17,3 +17,4 @@ mod routing;
 mod smoke;
 mod tls;
 mod tunnel;
+mod upgrade_paths;
