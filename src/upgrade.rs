@@ -2,11 +2,12 @@
 //! answer to the client, and the tunnel.
 //!
 //! A connection whose first request is an upgrade (every browser WebSocket)
-//! is served here directly: [`serve_direct`] parses the head the server
-//! already read, runs the same admission as every request, writes the
-//! backend's 101 to the client and splices, all in the connection's task.
-//! An upgrade that arrives later on a keep-alive connection came through
-//! hyper, and [`through_hyper`] answers it with the same exchange.
+//! is served without hyper: [`serve_direct`] takes the head the server
+//! already read and parsed, runs the same admission as every request, writes
+//! the backend's 101 to the client and hands back a [`Tunnel`], which the
+//! connection's own task then runs. An upgrade that arrives later on a
+//! keep-alive connection came through hyper, and [`through_hyper`] answers
+//! it with the same [`exchange`].
 
 use std::net::IpAddr;
 use std::sync::Arc;
