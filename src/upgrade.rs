@@ -31,14 +31,18 @@ use crate::wire::{self, AnswerError, ResponseHead, UpgradeRequest};
 
 /// The backend's answer to a forwarded upgrade.
 pub enum Answer {
-    /// A valid 101. `early` holds bytes the backend sent right behind it.
-    Switched {
-        head: ResponseHead,
-        early: Bytes,
-        stream: UpstreamStream,
-    },
-    /// The backend's own refusal, hop-by-hop headers stripped, body whole.
+    Switched(Switched),
+    /// The backend's own refusal (already counted), hop-by-hop headers
+    /// stripped, body whole.
     Refused(Response<Bytes>),
+}
+
+/// A valid 101 and the connection it came on.
+pub struct Switched {
+    pub head: ResponseHead,
+    /// Bytes the backend sent right behind its 101.
+    pub early: Bytes,
+    pub stream: UpstreamStream,
 }
 
 /// Sends the admitted request to the route's upstream and reads its answer,
@@ -96,6 +100,7 @@ pub async fn exchange(parts: &http::request::Parts, route: &Route) -> Result<Ans
         headers::strip_hop_by_hop(response.headers_mut(), false);
         // The relayed body is framed afresh: it was decoded and may have been chunked.
         response.headers_mut().remove(CONTENT_LENGTH);
+        route.metrics.rejected.inc();
         return Ok(Answer::Refused(response));
     }
     if !headers::list_tokens(&head.headers, &UPGRADE)
@@ -106,11 +111,11 @@ pub async fn exchange(parts: &http::request::Parts, route: &Route) -> Result<Ans
         });
     }
     policy::check_selected_subprotocol(&parts.headers, &head.headers)?;
-    Ok(Answer::Switched {
+    Ok(Answer::Switched(Switched {
         head,
         early,
         stream,
-    })
+    }))
 }
 
 /// A WebSocket the proxy has switched: what its tunnel needs, and nothing
@@ -164,14 +169,9 @@ pub async fn serve_direct(
             return None;
         }
     };
-    let (head, early, stream) = match answer {
-        Answer::Switched {
-            head,
-            early,
-            stream,
-        } => (head, early, stream),
+    let switched = match answer {
+        Answer::Switched(switched) => switched,
         Answer::Refused(response) => {
-            route.metrics.rejected.inc();
             write_final(&mut io, &response).await;
             return None;
         }
@@ -179,7 +179,7 @@ pub async fn serve_direct(
     count_upgrade(route, started);
     // The backend's 101 goes out as it came, byte for byte.
     let sent = async {
-        io.write_all(&head.raw).await?;
+        io.write_all(&switched.head.raw).await?;
         io.flush().await
     };
     if let Err(error) = sent.await {
@@ -189,7 +189,7 @@ pub async fn serve_direct(
     let route = facts.route.unwrap_or_default();
     Some(Tunnel {
         client: Prefixed::new(rest, io),
-        upstream: Prefixed::new(early, stream),
+        upstream: Prefixed::new(switched.early, switched.stream),
         conn,
         route,
         client_ip: facts.client_ip,
@@ -214,16 +214,13 @@ pub async fn through_hyper(
         .ok_or(Rejection::BadHandshake {
             detail: "the connection cannot be upgraded",
         })?;
-    let (head, early, stream) = match exchange(&parts, route).await? {
-        Answer::Switched {
-            head,
-            early,
-            stream,
-        } => (head, early, stream),
-        Answer::Refused(response) => {
-            route.metrics.rejected.inc();
-            return Ok(response.map(proxy::full));
-        }
+    let Switched {
+        head,
+        early,
+        stream,
+    } = match exchange(&parts, route).await? {
+        Answer::Switched(switched) => switched,
+        Answer::Refused(response) => return Ok(response.map(proxy::full)),
     };
     count_upgrade(route, started);
     let conn = conn.clone();
