@@ -1,11 +1,13 @@
 //! Listeners, the accept loop, TLS handshakes with a timeout, the connection
 //! limit, config reloads and graceful shutdown.
 //!
-//! Shutdown has to track tunnels itself: hyper's connection future ends at
-//! the upgrade, so its graceful shutdown never sees a WebSocket. Every
-//! connection and tunnel task lives in one [`TaskTracker`]; on shutdown we
-//! stop accepting, let hyper finish in-flight requests, give tunnels
-//! `drain_timeout` to end by themselves, then cancel `drain` to cut the rest.
+//! Shutdown has to track tunnels itself: a WebSocket is either its
+//! connection's own task (an upgrade as the first request) or a task spawned
+//! when hyper's connection future ended at the upgrade, and hyper's graceful
+//! shutdown sees neither. Every connection and tunnel task lives in one
+//! [`TaskTracker`]; on shutdown we stop accepting, let hyper finish in-flight
+//! requests, give tunnels `drain_timeout` to end by themselves, then cancel
+//! `drain` to cut the rest.
 
 use std::future::Future;
 use std::io;
