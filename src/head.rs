@@ -1,11 +1,12 @@
-//! Reading a connection's first request head before hyper sees it.
+//! Reading a connection's first request head before anyone parses it.
 //!
 //! hyper answers a head larger than its read buffer with a bare 431 of its
 //! own, without our `wsgate-reason` or body; reading the first head ourselves
-//! lets us refuse it properly, and enforces `header_timeout` on it exactly.
-//! The bytes read are then replayed to hyper through [`Prefixed`]. Later
-//! requests on a keep-alive connection are bounded by hyper's buffer and the
-//! proxy's own head-size check.
+//! lets us refuse it properly, enforces `header_timeout` on it exactly, and
+//! lets a WebSocket upgrade be served from these bytes without hyper
+//! ([`crate::wire`]). Otherwise they are replayed to hyper through
+//! [`Prefixed`]. Later requests on a keep-alive connection are bounded by
+//! hyper's buffer and the proxy's own head-size check.
 
 use std::io;
 use std::pin::Pin;

@@ -209,29 +209,30 @@ async fn handle_inner(
     facts: &mut RequestFacts,
     started: Instant,
 ) -> Result<Response<ProxyBody>, Rejection> {
+    // A connection's first head was bounded as it was read (`head.rs`); a
+    // later one on a keep-alive connection only by hyper's larger buffer.
+    let limit = conn.state.server.max_header_bytes;
+    if head_size(&parts) > limit {
+        return Err(Rejection::HeaderTooLarge { limit });
+    }
     let route = admit(&mut parts, conn, facts).await?;
     if facts.upgrade {
-        let index = facts.route.unwrap_or_default();
-        upgrade::through_hyper(parts, conn, route, index, facts.client_ip, started).await
+        upgrade::through_hyper(parts, conn, facts, started).await
     } else {
         forward_plain(parts, body, route).await
     }
 }
 
 /// Everything a request goes through before it may go upstream, in the
-/// contract's order: head size, route, IP, shape, origin, token, scope,
-/// subprotocol. On success `parts` is the request as the backend should see
-/// it, and the matched route is returned.
+/// contract's order: route, IP, shape, origin, token, scope, subprotocol.
+/// On success `parts` is the request as the backend should see it, the
+/// matched route is returned and its index is in `facts.route`.
 pub(crate) async fn admit<'s>(
     parts: &mut http::request::Parts,
     conn: &'s Connection,
     facts: &mut RequestFacts,
 ) -> Result<&'s Route, Rejection> {
     let state = &conn.state;
-    let limit = state.server.max_header_bytes;
-    if head_size(parts) > limit {
-        return Err(Rejection::HeaderTooLarge { limit });
-    }
     let host = request_host(parts);
     let index = router::route(
         state.routes.iter().map(|route| &*route.config),

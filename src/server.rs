@@ -439,7 +439,7 @@ impl ConnectionTask {
 
 /// Answers a connection hyper never got to see, then closes it.
 async fn write_rejection<IO: AsyncWrite + Unpin>(io: &mut IO, rejection: Rejection) {
-    crate::upgrade::write_final(io, &rejection.into_response()).await;
+    wire::write_final_response(io, &rejection.into_response()).await;
 }
 
 /// Serves one client connection: a WebSocket upgrade as its first request is

@@ -130,9 +130,7 @@ pub struct Tunnel {
 
 impl Tunnel {
     pub async fn run(mut self) {
-        let Some(route) = self.conn.state.routes.get(self.route) else {
-            return;
-        };
+        let route = &self.conn.state.routes[self.route];
         run_tunnel(
             &mut self.client,
             &mut self.upstream,
@@ -165,14 +163,14 @@ pub async fn serve_direct(
         Ok(admitted) => admitted,
         Err(rejection) => {
             proxy::report_rejection(&conn.state, &facts, &rejection);
-            write_final(&mut io, &rejection.into_response()).await;
+            wire::write_final_response(&mut io, &rejection.into_response()).await;
             return None;
         }
     };
     let switched = match answer {
         Answer::Switched(switched) => switched,
         Answer::Refused(response) => {
-            write_final(&mut io, &response).await;
+            wire::write_final_response(&mut io, &response).await;
             return None;
         }
     };
@@ -198,14 +196,15 @@ pub async fn serve_direct(
 
 /// Answers an upgrade hyper parsed: the backend's 101 becomes hyper's
 /// response, and the tunnel starts once hyper has written it.
-pub async fn through_hyper(
+pub(crate) async fn through_hyper(
     mut parts: http::request::Parts,
     conn: &Arc<Connection>,
-    route: &Route,
-    route_index: usize,
-    client_ip: IpAddr,
+    facts: &RequestFacts,
     started: Instant,
 ) -> Result<Response<ProxyBody>, Rejection> {
+    let route_index = facts.route.unwrap_or_default();
+    let route = &conn.state.routes[route_index];
+    let client_ip = facts.client_ip;
     // Claimed before the head goes upstream (what `hyper::upgrade::on` does);
     // it resolves once hyper has written our 101.
     let client_upgrade = parts
@@ -233,9 +232,7 @@ pub async fn through_hyper(
             }
         };
         let mut upstream = Prefixed::new(early, stream);
-        let Some(route) = conn.state.routes.get(route_index) else {
-            return;
-        };
+        let route = &conn.state.routes[route_index];
         run_tunnel(&mut client, &mut upstream, route, &conn, client_ip).await;
     });
     let mut response = Response::new(proxy::empty());
@@ -280,16 +277,4 @@ async fn run_tunnel<C>(
         upstream_to_client = outcome.upstream_to_client,
         "tunnel closed"
     );
-}
-
-/// Writes a response that ends the connection, then closes it; a client that
-/// stops reading gets two seconds.
-pub async fn write_final<IO: AsyncWrite + Unpin>(io: &mut IO, response: &Response<Bytes>) {
-    let mut bytes = Vec::with_capacity(256 + response.body().len());
-    wire::encode_final_response(response, &mut bytes);
-    let write = async {
-        io.write_all(&bytes).await?;
-        io.shutdown().await
-    };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), write).await;
 }

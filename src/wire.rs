@@ -11,7 +11,7 @@
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Uri, Version};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::headers;
 
@@ -19,11 +19,11 @@ use crate::headers;
 /// (an upstream's answer).
 const MAX_HEADERS: usize = 128;
 /// An upstream answer head larger than this is not HTTP we want to relay.
-pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// A backend's refusal is buffered whole before it is relayed; WebSocket
 /// backends refuse with a line or two, and a bound keeps a broken one from
 /// making the proxy hold megabytes.
-pub const MAX_REFUSAL_BODY: usize = 64 * 1024;
+const MAX_REFUSAL_BODY: usize = 64 * 1024;
 
 /// A client's WebSocket upgrade request, parsed off the wire.
 pub struct UpgradeRequest {
@@ -47,12 +47,7 @@ pub fn parse_upgrade_request(buffer: &Bytes) -> Option<UpgradeRequest> {
     }
     let uri = Uri::from_maybe_shared(buffer.slice_ref(request.path?.as_bytes())).ok()?;
     // Room for the forwarding headers the proxy adds, so they do not regrow the map.
-    let mut map = HeaderMap::with_capacity(request.headers.len() + 6);
-    for field in request.headers.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
-        let value = HeaderValue::from_maybe_shared(buffer.slice_ref(field.value)).ok()?;
-        map.append(name, value);
-    }
+    let map = field_map(request.headers, buffer, 6).ok()?;
     if !headers::is_websocket_upgrade(&map) || has_body(&map) {
         return None;
     }
@@ -62,6 +57,24 @@ pub fn parse_upgrade_request(buffer: &Bytes) -> Option<UpgradeRequest> {
     parts.version = Version::HTTP_11;
     parts.headers = map;
     Some(UpgradeRequest { parts, head_len })
+}
+
+/// The fields as a map whose values share `source`'s buffer, with room for
+/// `extra` more.
+fn field_map(
+    fields: &[httparse::Header<'_>],
+    source: &Bytes,
+    extra: usize,
+) -> Result<HeaderMap, AnswerError> {
+    let mut map = HeaderMap::with_capacity(fields.len() + extra);
+    for field in fields {
+        let name = HeaderName::from_bytes(field.name.as_bytes())
+            .map_err(|_| AnswerError::Malformed("bad header name"))?;
+        let value = HeaderValue::from_maybe_shared(source.slice_ref(field.value))
+            .map_err(|_| AnswerError::Malformed("bad header value"))?;
+        map.append(name, value);
+    }
+    Ok(map)
 }
 
 /// A request body would have to be relayed before the upgrade; no browser
@@ -90,8 +103,11 @@ pub fn encode_request_head(parts: &http::request::Parts, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
-fn encode_fields(headers: &HeaderMap, out: &mut Vec<u8>) {
-    for (name, value) in headers {
+fn encode_fields<'h>(
+    fields: impl IntoIterator<Item = (&'h HeaderName, &'h HeaderValue)>,
+    out: &mut Vec<u8>,
+) {
+    for (name, value) in fields {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
@@ -99,25 +115,36 @@ fn encode_fields(headers: &HeaderMap, out: &mut Vec<u8>) {
     }
 }
 
-/// Writes a complete response that ends the connection: status line,
-/// headers, an exact `content-length` and `connection: close`, then the body.
-pub fn encode_final_response(response: &Response<Bytes>, out: &mut Vec<u8>) {
+/// Writes a response that ends the connection, then closes it; a client that
+/// stops reading gets two seconds.
+pub async fn write_final_response<IO: AsyncWrite + Unpin>(io: &mut IO, response: &Response<Bytes>) {
+    let mut bytes = Vec::with_capacity(256 + response.body().len());
+    encode_final_response(response, &mut bytes);
+    let write = async {
+        io.write_all(&bytes).await?;
+        io.shutdown().await
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), write).await;
+}
+
+/// A complete response that ends the connection: status line, headers, an
+/// exact `content-length` and `connection: close`, then the body.
+fn encode_final_response(response: &Response<Bytes>, out: &mut Vec<u8>) {
     let status = response.status();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in response.headers() {
-        // Framing and persistence are this response's own, whatever the source said.
-        if name == CONTENT_LENGTH || name == http::header::CONNECTION || name == TRANSFER_ENCODING {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    // Framing and persistence are this response's own, whatever the source said.
+    let own = [CONTENT_LENGTH, http::header::CONNECTION, TRANSFER_ENCODING];
+    encode_fields(
+        response
+            .headers()
+            .iter()
+            .filter(|(name, _)| !own.contains(name)),
+        out,
+    );
     let body = response.body();
     out.extend_from_slice(b"content-length: ");
     out.extend_from_slice(body.len().to_string().as_bytes());
@@ -206,14 +233,7 @@ fn parse_response_head(raw: Bytes) -> Result<ResponseHead, AnswerError> {
         .code
         .and_then(|code| StatusCode::from_u16(code).ok())
         .ok_or(AnswerError::Malformed("bad status code"))?;
-    let mut headers = HeaderMap::with_capacity(response.headers.len());
-    for field in response.headers.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes())
-            .map_err(|_| AnswerError::Malformed("bad header name"))?;
-        let value = HeaderValue::from_maybe_shared(raw.slice_ref(field.value))
-            .map_err(|_| AnswerError::Malformed("bad header value"))?;
-        headers.append(name, value);
-    }
+    let headers = field_map(response.headers, &raw, 0)?;
     Ok(ResponseHead {
         status,
         headers,

@@ -91,14 +91,6 @@ async fn upgrade_after_a_plain_request_on_one_connection_is_tunnelled() {
     proxy.stop().await;
 }
 
-fn all<'h>(head: &'h Head, name: &str) -> Vec<&'h str> {
-    head.headers
-        .iter()
-        .filter(|(n, _)| n == name)
-        .map(|(_, v)| v.as_str())
-        .collect()
-}
-
 #[tokio::test]
 async fn first_request_upgrade_is_forwarded_with_request_line_and_headers_intact() {
     let (backend, mut seen) = spawn_plain_or_echo_backend().await;
@@ -146,10 +138,10 @@ async fn first_request_upgrade_is_forwarded_with_request_line_and_headers_intact
         ("x-forwarded-host", "app.example:8080"),
         ("x-real-ip", "127.0.0.1"),
     ] {
-        assert_eq!(all(&forwarded, name), vec![value], "{name}");
+        assert_eq!(forwarded.all(name).collect::<Vec<_>>(), [value], "{name}");
     }
     assert!(
-        all(&forwarded, "keep-alive").is_empty(),
+        forwarded.all("keep-alive").next().is_none(),
         "hop-by-hop Keep-Alive forwarded"
     );
     drop(stream);
