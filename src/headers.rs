@@ -99,8 +99,7 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
     if !is_trusted(client, trusted) {
         return client;
     }
-    let entries: Vec<&str> =
-        list_tokens(headers, &HeaderName::from_static("x-forwarded-for")).collect();
+    let entries: Vec<&str> = list_tokens(headers, &X_FORWARDED_FOR).collect();
     for entry in entries.iter().rev() {
         let Some(ip) = parse_forwarded_ip(entry) else {
             break;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
+use wsgate::config::ConfigErrors;
 use wsgate::{Config, Proxy};
 
 /// mimalloc hands freed pages back to the OS: handshakes allocate and free a
@@ -72,7 +73,18 @@ fn main() -> ExitCode {
     let command = cli.command.unwrap_or(Command::Run(ConfigArg {
         config: PathBuf::from("proxy.toml"),
     }));
-    let runtime = match build_runtime(&command) {
+    // `run` loads its config before the runtime exists: `[server]
+    // worker_threads` decides which runtime to build. A config that does not
+    // load gets the default runtime and reports its problems from `serve`.
+    let loaded = match &command {
+        Command::Run(args) => Some(Config::load(&args.config)),
+        _ => None,
+    };
+    let threads = loaded
+        .as_ref()
+        .and_then(|result| result.as_ref().ok())
+        .and_then(|config| config.server.worker_threads);
+    let runtime = match build_runtime(threads) {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("wsgate: cannot start the async runtime: {error}");
@@ -81,7 +93,12 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match command {
-            Command::Run(args) => serve(&args.config).await.map(|()| ExitCode::SUCCESS),
+            Command::Run(args) => {
+                let config = loaded.unwrap_or_else(|| Config::load(&args.config));
+                serve(&args.config, config)
+                    .await
+                    .map(|()| ExitCode::SUCCESS)
+            }
             Command::Check(args) => Ok(check(&args.config)),
             Command::Demo => wsgate::demo::run().await.map(|passed| {
                 if passed {
@@ -109,16 +126,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// `[server] worker_threads` has to be known before the runtime exists, so
-/// `run` peeks at the config first; a config that does not load gets the
-/// default runtime and reports its problems from `serve`.
-fn build_runtime(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
-    let threads = match command {
-        Command::Run(args) => Config::load(&args.config)
-            .ok()
-            .and_then(|config| config.server.worker_threads),
-        _ => None,
-    };
+/// One thread is the current-thread runtime; otherwise a multi-thread one,
+/// by default one worker per CPU.
+fn build_runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     match threads {
         Some(1) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -144,8 +154,8 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
-async fn serve(path: &Path) -> anyhow::Result<()> {
-    let config = Config::load(path)?;
+async fn serve(path: &Path, config: Result<Config, ConfigErrors>) -> anyhow::Result<()> {
+    let config = config?;
     let proxy = Proxy::bind(&config).await?;
     for addr in proxy.local_addrs() {
         tracing::info!(%addr, "listening");

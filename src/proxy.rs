@@ -52,7 +52,7 @@ pub struct Connection {
     pub drain: CancellationToken,
     /// Keeps this connection counted against `max_connections` while a tunnel
     /// outlives the HTTP connection that created it.
-    pub slot: Arc<dyn Send + Sync>,
+    pub(crate) _slot: crate::server::ConnectionSlot,
 }
 
 /// What the log line of a request says about it.
@@ -171,16 +171,10 @@ fn request_host(parts: &http::request::Parts) -> String {
     let raw = parts
         .uri
         .authority()
-        .map(|authority| authority.as_str().to_owned())
-        .or_else(|| {
-            parts
-                .headers
-                .get(HOST)
-                .and_then(|host| host.to_str().ok())
-                .map(str::to_owned)
-        })
+        .map(|authority| authority.as_str())
+        .or_else(|| parts.headers.get(HOST).and_then(|host| host.to_str().ok()))
         .unwrap_or_default();
-    router::normalise_request_host(&raw)
+    router::normalise_request_host(raw)
 }
 
 /// Size of the request head as it was on the wire, give or take whitespace
@@ -217,21 +211,21 @@ async fn handle_inner(
     }
     let route = admit(&mut parts, conn, facts).await?;
     if facts.upgrade {
-        upgrade::through_hyper(parts, conn, facts, started).await
+        upgrade::through_hyper(parts, conn, route, facts.client_ip, started).await
     } else {
-        forward_plain(parts, body, route).await
+        forward_plain(parts, body, &conn.state.routes[route]).await
     }
 }
 
 /// Everything a request goes through before it may go upstream, in the
 /// contract's order: route, IP, shape, origin, token, scope, subprotocol.
-/// On success `parts` is the request as the backend should see it, the
-/// matched route is returned and its index is in `facts.route`.
-pub(crate) async fn admit<'s>(
+/// On success `parts` is the request as the backend should see it, and the
+/// matched route's index (in `conn.state.routes`) is returned.
+pub(crate) async fn admit(
     parts: &mut http::request::Parts,
-    conn: &'s Connection,
+    conn: &Connection,
     facts: &mut RequestFacts,
-) -> Result<&'s Route, Rejection> {
+) -> Result<usize, Rejection> {
     let state = &conn.state;
     let host = request_host(parts);
     let index = router::route(
@@ -295,7 +289,7 @@ pub(crate) async fn admit<'s>(
     if let Some(offer) = narrowed_offer {
         parts.headers.insert(policy::SEC_WEBSOCKET_PROTOCOL, offer);
     }
-    Ok(route)
+    Ok(index)
 }
 
 /// The request as the backend should see it: hop-by-hop headers gone,

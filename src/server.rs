@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::AsyncWrite;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -35,7 +34,7 @@ use crate::upgraded::ClientConn;
 use crate::wire;
 
 /// Holds one unit of `max_connections` until dropped.
-struct ConnectionSlot(Arc<AtomicUsize>);
+pub(crate) struct ConnectionSlot(Arc<AtomicUsize>);
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
@@ -278,9 +277,9 @@ async fn accept_loop(listener: TcpListener, context: AcceptContext) {
                 let connection = ConnectionTask {
                     tcp,
                     peer,
+                    over_limit: count > state.server.max_connections,
                     state,
                     slot,
-                    over_limit: count > context.open_connections_limit(),
                     listener_index: context.listener_index,
                     tracker: context.tracker.clone(),
                     stop_accepting: context.stop_accepting.clone(),
@@ -290,12 +289,6 @@ async fn accept_loop(listener: TcpListener, context: AcceptContext) {
             }
             Err(error) => handle_accept_error(error, local).await,
         }
-    }
-}
-
-impl AcceptContext {
-    fn open_connections_limit(&self) -> usize {
-        self.state.borrow().server.max_connections
     }
 }
 
@@ -395,7 +388,7 @@ impl ConnectionTask {
             state: self.state,
             tunnels: self.tracker,
             drain: self.drain,
-            slot: Arc::new(self.slot),
+            _slot: self.slot,
         };
         serve_http(io, connection, self.stop_accepting).await
     }
@@ -427,19 +420,25 @@ impl ConnectionTask {
     /// Plaintext gets a proper 503; on TLS, doing a full handshake just to say
     /// "too busy" would spend the CPU we are short of, so the socket is closed.
     async fn refuse_overloaded(mut self, tls: bool) {
-        tracing::warn!(peer = %self.peer, limit = self.state.server.max_connections, "max_connections reached; refusing a connection");
-        self.state
-            .unrouted_metrics
-            .rejection(Rejection::Overloaded.reason());
+        let rejection = Rejection::Overloaded;
+        report_unrouted(&self.state, self.peer, &rejection);
         if !tls {
-            write_rejection(&mut self.tcp, Rejection::Overloaded).await;
+            wire::write_final_response(&mut self.tcp, &rejection.into_response()).await;
         }
     }
 }
 
-/// Answers a connection hyper never got to see, then closes it.
-async fn write_rejection<IO: AsyncWrite + Unpin>(io: &mut IO, rejection: Rejection) {
-    wire::write_final_response(io, &rejection.into_response()).await;
+/// Logs and counts a refusal of a connection before any request was parsed
+/// (no route, no client IP beyond the peer), under route "-".
+fn report_unrouted(state: &State, peer: SocketAddr, rejection: &Rejection) {
+    tracing::info!(
+        %peer,
+        status = rejection.status().as_u16(),
+        reason = rejection.reason(),
+        detail = %rejection.detail(),
+        "request rejected"
+    );
+    state.unrouted_metrics.rejection(rejection.reason());
 }
 
 /// Serves one client connection: a WebSocket upgrade as its first request is
@@ -463,12 +462,8 @@ async fn serve_http(
             let rejection = Rejection::HeaderTooLarge {
                 limit: server.max_header_bytes,
             };
-            tracing::info!(%peer, status = 431, reason = rejection.reason(), detail = %rejection.detail(), "request rejected");
-            connection
-                .state
-                .unrouted_metrics
-                .rejection(rejection.reason());
-            write_rejection(&mut io, rejection).await;
+            report_unrouted(&connection.state, peer, &rejection);
+            wire::write_final_response(&mut io, &rejection.into_response()).await;
             return None;
         }
         FirstHead::TimedOut => {

@@ -16,7 +16,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, UPGRADE};
 use http::{Response, StatusCode};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::error::Rejection;
 use crate::head::Prefixed;
@@ -25,7 +25,7 @@ use crate::policy;
 use crate::proxy::{self, Connection, ProxyBody, RequestFacts};
 use crate::state::Route;
 use crate::tunnel;
-use crate::upgraded::{ClientConn, ClientIo, UpstreamIo};
+use crate::upgraded::{self, ClientConn, UpstreamIo};
 use crate::upstream::UpstreamStream;
 use crate::wire::{self, AnswerError, ResponseHead, UpgradeRequest};
 
@@ -46,8 +46,13 @@ pub struct Switched {
 }
 
 /// Sends the admitted request to the route's upstream and reads its answer,
-/// within `handshake_timeout` after the connect.
-pub async fn exchange(parts: &http::request::Parts, route: &Route) -> Result<Answer, Rejection> {
+/// within `handshake_timeout` after the connect. The answer is counted here:
+/// a switch with the handshake's duration since `started`, a refusal as such.
+pub async fn exchange(
+    parts: &http::request::Parts,
+    route: &Route,
+    started: Instant,
+) -> Result<Answer, Rejection> {
     let upstream = &route.upstream;
     let mut stream = upstream
         .connect()
@@ -94,9 +99,7 @@ pub async fn exchange(parts: &http::request::Parts, route: &Route) -> Result<Ans
         Ok(Ok(answer)) => answer,
     };
     if let Some(body) = refusal_body {
-        let mut response = Response::new(body);
-        *response.status_mut() = head.status;
-        *response.headers_mut() = head.headers;
+        let mut response = head.into_response(body);
         headers::strip_hop_by_hop(response.headers_mut(), false);
         // The relayed body is framed afresh: it was decoded and may have been chunked.
         response.headers_mut().remove(CONTENT_LENGTH);
@@ -111,6 +114,11 @@ pub async fn exchange(parts: &http::request::Parts, route: &Route) -> Result<Ans
         });
     }
     policy::check_selected_subprotocol(&parts.headers, &head.headers)?;
+    route.metrics.upgraded.inc();
+    route
+        .metrics
+        .handshake_duration
+        .observe(started.elapsed().as_secs_f64());
     Ok(Answer::Switched(Switched {
         head,
         early,
@@ -155,26 +163,24 @@ pub async fn serve_direct(
     let started = Instant::now();
     let mut parts = request.parts;
     let mut facts = RequestFacts::new(&parts, &conn, true);
-    let outcome = match proxy::admit(&mut parts, &conn, &mut facts).await {
-        Ok(route) => exchange(&parts, route).await.map(|answer| (route, answer)),
+    let answer = match proxy::admit(&mut parts, &conn, &mut facts).await {
+        Ok(route) => exchange(&parts, &conn.state.routes[route], started)
+            .await
+            .map(|answer| (route, answer)),
         Err(rejection) => Err(rejection),
     };
-    let (route, answer) = match outcome {
-        Ok(admitted) => admitted,
+    let (route, switched) = match answer {
+        Ok((route, Answer::Switched(switched))) => (route, switched),
+        Ok((_, Answer::Refused(response))) => {
+            wire::write_final_response(&mut io, &response).await;
+            return None;
+        }
         Err(rejection) => {
             proxy::report_rejection(&conn.state, &facts, &rejection);
             wire::write_final_response(&mut io, &rejection.into_response()).await;
             return None;
         }
     };
-    let switched = match answer {
-        Answer::Switched(switched) => switched,
-        Answer::Refused(response) => {
-            wire::write_final_response(&mut io, &response).await;
-            return None;
-        }
-    };
-    count_upgrade(route, started);
     // The backend's 101 goes out as it came, byte for byte.
     let sent = async {
         io.write_all(&switched.head.raw).await?;
@@ -184,7 +190,6 @@ pub async fn serve_direct(
         tracing::debug!(peer = %conn.peer, %error, "client left before the 101 was written");
         return None;
     }
-    let route = facts.route.unwrap_or_default();
     Some(Tunnel {
         client: Prefixed::new(rest, io),
         upstream: Prefixed::new(switched.early, switched.stream),
@@ -199,12 +204,11 @@ pub async fn serve_direct(
 pub(crate) async fn through_hyper(
     mut parts: http::request::Parts,
     conn: &Arc<Connection>,
-    facts: &RequestFacts,
+    route_index: usize,
+    client_ip: IpAddr,
     started: Instant,
 ) -> Result<Response<ProxyBody>, Rejection> {
-    let route_index = facts.route.unwrap_or_default();
     let route = &conn.state.routes[route_index];
-    let client_ip = facts.client_ip;
     // Claimed before the head goes upstream (what `hyper::upgrade::on` does);
     // it resolves once hyper has written our 101.
     let client_upgrade = parts
@@ -217,15 +221,17 @@ pub(crate) async fn through_hyper(
         head,
         early,
         stream,
-    } = match exchange(&parts, route).await? {
+    } = match exchange(&parts, route, started).await? {
         Answer::Switched(switched) => switched,
         Answer::Refused(response) => return Ok(response.map(proxy::full)),
     };
-    count_upgrade(route, started);
     let conn = conn.clone();
     conn.tunnels.clone().spawn(async move {
         let mut client = match client_upgrade.await {
-            Ok(upgraded) => ClientIo::from_upgraded(upgraded),
+            Ok(upgraded) => match upgraded::client_from_upgraded(upgraded) {
+                Some(client) => client,
+                None => return,
+            },
             Err(error) => {
                 tracing::debug!(%error, "client upgrade did not complete");
                 return;
@@ -235,29 +241,16 @@ pub(crate) async fn through_hyper(
         let route = &conn.state.routes[route_index];
         run_tunnel(&mut client, &mut upstream, route, &conn, client_ip).await;
     });
-    let mut response = Response::new(proxy::empty());
-    *response.status_mut() = head.status;
-    *response.headers_mut() = head.headers;
-    Ok(response)
+    Ok(head.into_response(proxy::empty()))
 }
 
-fn count_upgrade(route: &Route, started: Instant) {
-    route.metrics.upgraded.inc();
-    route
-        .metrics
-        .handshake_duration
-        .observe(started.elapsed().as_secs_f64());
-}
-
-async fn run_tunnel<C>(
-    client: &mut C,
+async fn run_tunnel(
+    client: &mut Prefixed<ClientConn>,
     upstream: &mut UpstreamIo,
     route: &Route,
     conn: &Connection,
     client_ip: IpAddr,
-) where
-    C: AsyncRead + AsyncWrite + Unpin,
-{
+) {
     let metrics = &route.metrics;
     metrics.tunnels_active.inc();
     let outcome = tunnel::splice(

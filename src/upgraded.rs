@@ -3,8 +3,9 @@
 //! hyper hands over an upgraded connection as `Upgraded`: a boxed, type-erased
 //! stream behind two layers of read-buffer conversion that forget a buffer was
 //! already initialised — so tokio-rustls zero-fills 16 KiB on every read. The
-//! tunnel instead downcasts to the client connection type it knows, keeping the bytes hyper had read past the HTTP head in front of
-//! them, and splices those directly. Upgrades served without hyper
+//! tunnel instead downcasts to the client connection type it knows, keeping
+//! the bytes hyper had read past the HTTP head in front of them, and splices
+//! that directly. Upgrades served without hyper
 //! ([`crate::upgrade::serve_direct`]) have their streams already.
 
 use bytes::{Bytes, BytesMut};
@@ -73,29 +74,20 @@ pub enum ClientConn {
 
 delegate_async_io!(ClientConn { Plain, Tls });
 
-/// The client side of a tunnel.
-pub enum ClientIo {
-    Conn(Prefixed<ClientConn>),
-    /// A stream type this module does not know; spliced through hyper's wrapper.
-    Other(TokioIo<Upgraded>),
-}
-
-delegate_async_io!(ClientIo { Conn, Other });
-
 /// The upstream side of a tunnel: the connection the upgrade was sent on,
 /// with whatever the backend sent behind its 101 in front.
 pub type UpstreamIo = Prefixed<UpstreamStream>;
 
-impl ClientIo {
-    pub fn from_upgraded(upgraded: Upgraded) -> ClientIo {
-        match upgraded.downcast::<TokioIo<Prefixed<ClientConn>>>() {
-            Ok(parts) => ClientIo::Conn(parts.io.into_inner().with_more_in_front(parts.read_buf)),
-            Err(upgraded) => {
-                tracing::debug!(
-                    "client stream type not recognised; splicing through hyper's wrapper"
-                );
-                ClientIo::Other(TokioIo::new(upgraded))
-            }
+/// The client connection hyper hands back after an upgrade, with the bytes
+/// hyper had read past the head in front. hyper only ever serves
+/// `Prefixed<ClientConn>` here, so the downcast fails only if its internals
+/// change; that connection is then dropped.
+pub fn client_from_upgraded(upgraded: Upgraded) -> Option<Prefixed<ClientConn>> {
+    match upgraded.downcast::<TokioIo<Prefixed<ClientConn>>>() {
+        Ok(parts) => Some(parts.io.into_inner().with_more_in_front(parts.read_buf)),
+        Err(_) => {
+            tracing::warn!("upgraded client stream is not the type wsgate serves; closing it");
+            None
         }
     }
 }

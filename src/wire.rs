@@ -42,7 +42,15 @@ pub fn parse_upgrade_request(buffer: &Bytes) -> Option<UpgradeRequest> {
         Ok(httparse::Status::Complete(len)) => len,
         _ => return None,
     };
-    if request.method != Some("GET") || request.version != Some(1) {
+    // Most first requests that are not upgrades are plain HTTP for hyper: no
+    // map is built for those.
+    if request.method != Some("GET")
+        || request.version != Some(1)
+        || !request
+            .headers
+            .iter()
+            .any(|field| field.name.eq_ignore_ascii_case("upgrade"))
+    {
         return None;
     }
     let uri = Uri::from_maybe_shared(buffer.slice_ref(request.path?.as_bytes())).ok()?;
@@ -159,6 +167,16 @@ pub struct ResponseHead {
     pub headers: HeaderMap,
     /// The head exactly as it arrived, status line to blank line.
     pub raw: Bytes,
+}
+
+impl ResponseHead {
+    /// The answer as a response carrying `body`.
+    pub fn into_response<B>(self, body: B) -> Response<B> {
+        let mut response = Response::new(body);
+        *response.status_mut() = self.status;
+        *response.headers_mut() = self.headers;
+        response
+    }
 }
 
 /// Why an upstream's answer could not be read.
