@@ -42,10 +42,8 @@ pub async fn read_first_head<S: AsyncRead + Unpin>(
                 Ok(0) | Err(_) => return FirstHead::Closed,
                 Ok(_) => {}
             }
-            // Resume the search a little before the old end: the terminator may straddle reads.
-            let from = scanned.saturating_sub(3);
-            if let Some(end) = find_head_end(&buffer[from..]) {
-                return if from + end > limit {
+            if let Some(end) = crate::wire::blank_line_end(&buffer, scanned) {
+                return if end > limit {
                     FirstHead::TooLarge
                 } else {
                     FirstHead::Complete(buffer.freeze())
@@ -57,14 +55,6 @@ pub async fn read_first_head<S: AsyncRead + Unpin>(
     tokio::time::timeout(timeout, reading)
         .await
         .unwrap_or(FirstHead::TimedOut)
-}
-
-/// Offset just past the first `\r\n\r\n`.
-fn find_head_end(bytes: &[u8]) -> Option<usize> {
-    bytes
-        .windows(4)
-        .position(|window| window == b"\r\n\r\n")
-        .map(|at| at + 4)
 }
 
 /// A stream that yields `prefix` before reading from `inner`.
@@ -166,6 +156,22 @@ mod tests {
         let mut text = vec![0u8; 29];
         replay.read_exact(&mut text).await.unwrap();
         assert_eq!(&text, b"GET / HTTP/1.1\r\nHost: a\r\n\r\nBO");
+    }
+
+    #[tokio::test]
+    async fn bare_lf_head_is_found() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        use tokio::io::AsyncWriteExt;
+        client
+            .write_all(b"GET / HTTP/1.1\nHost: a\n\n")
+            .await
+            .unwrap();
+        let FirstHead::Complete(bytes) =
+            read_first_head(&mut server, 1024, Duration::from_secs(5)).await
+        else {
+            panic!("bare-LF head not found");
+        };
+        assert_eq!(&bytes[..], b"GET / HTTP/1.1\nHost: a\n\n");
     }
 
     #[tokio::test]

@@ -199,9 +199,11 @@ pub async fn read_response_head<S: AsyncRead + Unpin>(
     stream: &mut S,
     buffer: &mut BytesMut,
 ) -> Result<ResponseHead, AnswerError> {
+    let mut scanned = 0;
     loop {
         // Found by its blank line first, so a head is parsed once, whole.
-        if let Some(head_len) = blank_line_end(buffer) {
+        if let Some(head_len) = blank_line_end(buffer, scanned) {
+            scanned = 0;
             let raw = buffer.split_to(head_len).freeze();
             let head = parse_response_head(raw)?;
             // Interim answers (100, 102, 103) precede the real one (RFC 9110 §15.2).
@@ -213,6 +215,7 @@ pub async fn read_response_head<S: AsyncRead + Unpin>(
         if buffer.len() >= MAX_RESPONSE_HEAD {
             return Err(AnswerError::TooLarge("head", MAX_RESPONSE_HEAD));
         }
+        scanned = buffer.len();
         if stream.read_buf(buffer).await? == 0 {
             return Err(AnswerError::Closed);
         }
@@ -220,9 +223,11 @@ pub async fn read_response_head<S: AsyncRead + Unpin>(
 }
 
 /// Offset just past the first empty line, CRLF or bare LF (RFC 9112 §2.2
-/// lets a recipient accept a bare LF as a line terminator).
-fn blank_line_end(bytes: &[u8]) -> Option<usize> {
-    let mut from = 0;
+/// lets a recipient accept a bare LF as a line terminator). Bytes before
+/// `scanned` were searched already; the search resumes a little before them,
+/// since a terminator may straddle two reads.
+pub(crate) fn blank_line_end(bytes: &[u8], scanned: usize) -> Option<usize> {
+    let mut from = scanned.saturating_sub(2);
     while let Some(at) = bytes[from..].iter().position(|&byte| byte == b'\n') {
         let newline = from + at;
         match &bytes[newline + 1..] {

@@ -207,3 +207,22 @@ async fn backend_refusal_larger_than_the_relay_limit_is_502_upstream_protocol() 
     assert_rejected(&head, &body, 502, "upstream-protocol");
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn upgrade_with_bare_lf_line_endings_is_served() {
+    // RFC 9112 §2.2 lets a recipient accept a bare LF as a line terminator.
+    let (backend, mut seen) = spawn_plain_or_echo_backend().await;
+    let proxy = start_proxy(&config(backend)).await;
+    let mut stream = connect(proxy.addr()).await;
+    let request = upgrade_request("/", "x", &[]).replace("\r\n", "\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let (head, _) = read_response(&mut stream, "GET").await;
+    assert_eq!(head.status, 101, "{:?}", head.headers);
+    let forwarded = within("the upgrade", seen.recv()).await.unwrap();
+    assert!(
+        forwarded.starts_with("GET / HTTP/1.1\r\nhost: x\r\n"),
+        "{forwarded:?}"
+    );
+    drop(stream);
+    proxy.stop().await;
+}
