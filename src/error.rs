@@ -213,12 +213,12 @@ impl Rejection {
                     HeaderValue::from_static("Bearer error=\"invalid_token\""),
                 );
             }
-            Rejection::ScopeMissing { scope } => {
-                let value = format!("Bearer error=\"insufficient_scope\", scope=\"{scope}\"");
-                let value = HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static(
-                    "Bearer error=\"insufficient_scope\"",
-                ));
-                headers.insert(http::header::WWW_AUTHENTICATE, value);
+            // Exactly the contract's value; the missing scope is named in the body.
+            Rejection::ScopeMissing { .. } => {
+                headers.insert(
+                    http::header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"insufficient_scope\""),
+                );
             }
             Rejection::BadVersion { .. } => {
                 headers.insert("sec-websocket-version", HeaderValue::from_static("13"));
@@ -272,7 +272,7 @@ mod tests {
         assert_eq!(scope.status(), StatusCode::FORBIDDEN);
         assert_eq!(
             scope.headers()["www-authenticate"],
-            "Bearer error=\"insufficient_scope\", scope=\"chat\""
+            "Bearer error=\"insufficient_scope\""
         );
     }
 

@@ -184,7 +184,7 @@ async fn check_order_is_ip_shape_origin_token_scope_subprotocol() {
         let expected_challenge: Vec<String> = match *reason {
             "token-missing" => vec!["Bearer".into()],
             "token-invalid" => vec![r#"Bearer error="invalid_token""#.into()],
-            "scope-missing" => vec![r#"Bearer error="insufficient_scope", scope="chat""#.into()],
+            "scope-missing" => vec![r#"Bearer error="insufficient_scope""#.into()],
             _ => vec![],
         };
         assert_eq!(challenges(&head), expected_challenge, "{label}");

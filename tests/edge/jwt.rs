@@ -537,7 +537,7 @@ async fn jwt_without_the_required_scope_is_403_scope_missing() {
         assert_reject(&head, &body, 403, "scope-missing");
         assert_eq!(
             challenges(&head),
-            [r#"Bearer error="insufficient_scope", scope="chat""#],
+            [r#"Bearer error="insufficient_scope""#],
             "{label}"
         );
         assert!(!body.contains(&token), "{label}: body echoes the token");
