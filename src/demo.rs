@@ -4,7 +4,6 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
 use rustls_pki_types::pem::PemObject;
@@ -175,19 +174,14 @@ struct DemoClient {
 
 impl DemoClient {
     fn new(addr: SocketAddr, cert_pem: &str) -> anyhow::Result<DemoClient> {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes()) {
-            roots.add(cert?)?;
-        }
-        let mut config =
-            rustls::ClientConfig::builder_with_provider(Arc::new(crate::tls::provider()))
-                .with_safe_default_protocol_versions()?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let certs = rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()?;
+        // The same client TLS setup the proxy uses towards backends, trusting
+        // the demo's own certificate.
+        let config = crate::tls::upstream_client_config(&certs).map_err(anyhow::Error::msg)?;
         Ok(DemoClient {
             addr,
-            tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            tls: tokio_rustls::TlsConnector::from(config),
         })
     }
 

@@ -338,16 +338,15 @@ fn validate(raw: raw::RawConfig, base: &Path, problems: &mut Problems) -> Config
 
     let mut upstreams = BTreeMap::new();
     for (name, upstream) in &raw.upstream {
-        if let Some(valid) = validate_upstream(name, upstream, base, problems) {
-            upstreams.insert(name.clone(), Arc::new(valid));
-        }
+        let valid = validate_upstream(name, upstream, base, problems);
+        upstreams.insert(name.clone(), Arc::new(valid));
     }
     let routes = raw
         .route
         .iter()
         .enumerate()
         .filter_map(|(index, route)| {
-            validate_route(index, route, base, &upstreams, &raw.upstream, problems).map(Arc::new)
+            validate_route(index, route, base, &upstreams, problems).map(Arc::new)
         })
         .collect::<Vec<_>>();
     if raw.route.is_empty() {
@@ -472,7 +471,7 @@ fn validate_upstream(
     raw: &raw::RawUpstream,
     base: &Path,
     problems: &mut Problems,
-) -> Option<UpstreamConfig> {
+) -> UpstreamConfig {
     let key = format!("upstream.{name}");
     if raw.servers.is_empty() {
         problems.add(
@@ -545,14 +544,14 @@ fn validate_upstream(
             interval,
         }
     });
-    Some(UpstreamConfig {
+    UpstreamConfig {
         name: name.to_owned(),
         servers: raw.servers.clone(),
         balance,
         connect_timeout,
         tls,
         health_check,
-    })
+    }
 }
 
 /// Lower-cases a route's `host` and drops a trailing dot, as requests are normalised.
@@ -565,7 +564,6 @@ fn validate_route(
     raw: &raw::RawRoute,
     base: &Path,
     upstreams: &BTreeMap<String, Arc<UpstreamConfig>>,
-    raw_upstreams: &BTreeMap<String, raw::RawUpstream>,
     problems: &mut Problems,
 ) -> Option<RouteConfig> {
     let key = format!("route[{index}]");
@@ -592,7 +590,7 @@ fn validate_route(
     };
 
     let upstream = upstreams.get(&raw.upstream).cloned();
-    if upstream.is_none() && !raw_upstreams.contains_key(&raw.upstream) {
+    if upstream.is_none() {
         problems.add(
             format!("{key}.upstream"),
             format!("no [upstream.{}] is defined", raw.upstream),

@@ -399,10 +399,9 @@ pub(super) fn has_scope(claims: &Map<String, Value>, required: &str) -> bool {
 /// How a claim travels as a header: strings as they are, numbers and booleans
 /// printed, anything else as compact JSON.
 pub(super) fn claim_text(value: &Value) -> String {
+    // A string's own text; anything else (numbers, booleans, arrays) as JSON.
     match value {
         Value::String(text) => text.clone(),
-        Value::Number(number) => number.to_string(),
-        Value::Bool(flag) => flag.to_string(),
         other => other.to_string(),
     }
 }
