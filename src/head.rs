@@ -132,6 +132,20 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 }
 
+impl<S: crate::tunnel::HoldForFin + Unpin> crate::tunnel::HoldForFin for Prefixed<S> {
+    fn poll_write_held(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_held(cx, buf)
+    }
+
+    fn fin_on_drop(&self) -> bool {
+        self.inner.fin_on_drop()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,8 +5,9 @@
 //! tunnel holds no copy buffer while idle — with tens of thousands of idle
 //! WebSockets, the two 8 KiB buffers per tunnel of `copy_bidirectional` would
 //! dominate memory. A FIN in one direction is passed on as a write shutdown
-//! while the other keeps flowing; the tunnel ends when both have finished, when
-//! no byte moved either way for `idle_timeout`, or when a drain cuts it.
+//! while the other keeps flowing; the tunnel ends when both have finished, at
+//! the first FIN after a WebSocket closing handshake ([`crate::close_watch`]),
+//! when no byte moved either way for `idle_timeout`, or when a drain cuts it.
 
 use std::future::{Future, poll_fn};
 use std::io;
@@ -17,6 +18,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use crate::close_watch::CloseWatch;
 
 /// `ready!` that also propagates the error as `Poll::Ready(Err)`.
 macro_rules! ready_or_return {
@@ -85,6 +88,10 @@ struct Pump {
     read_closed: bool,
     finished: bool,
     bytes: u64,
+    watch: CloseWatch,
+    /// This direction's FIN came after the closing handshake, with nothing
+    /// left to write the other way: it ends the tunnel.
+    ends_tunnel: bool,
 }
 
 enum PumpError {
@@ -101,24 +108,49 @@ impl Pump {
             read_closed: false,
             finished: false,
             bytes: 0,
+            watch: CloseWatch::new(),
+            ends_tunnel: false,
         }
     }
 
+    /// Everything read has been handed to the writer, flushed.
+    fn settled(&self) -> bool {
+        self.backlog_written == self.backlog.len() && !self.needs_flush
+    }
+
+    /// This direction as the pump going the other way sees it.
+    fn as_opposite(&self) -> Opposite {
+        Opposite {
+            sent_fin: self.read_closed,
+            closed_and_settled: self.watch.close_passed() && self.settled(),
+        }
+    }
+}
+
+/// What a pump needs to know of the direction going the other way.
+#[derive(Clone, Copy)]
+struct Opposite {
+    /// The side this pump writes to has sent its FIN.
+    sent_fin: bool,
+    /// A Close frame has gone the other way, and all it read is written.
+    closed_and_settled: bool,
+}
+
+impl Pump {
     /// Drives this direction as far as it can go; `Ready` once the reader hit
     /// EOF and the writer has been shut down. `moved` is set when any byte
-    /// was read, for the idle clock. `writer_sent_fin`: the side we write to
-    /// has finished sending.
+    /// was read, for the idle clock.
     fn poll_pump<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         mut reader: Pin<&mut R>,
         mut writer: Pin<&mut W>,
-        writer_sent_fin: bool,
+        opposite: Opposite,
         moved: &mut bool,
     ) -> Poll<Result<(), PumpError>>
     where
         R: AsyncRead + ?Sized,
-        W: AsyncWrite + ?Sized,
+        W: HoldForFin + ?Sized,
     {
         if self.finished {
             return Poll::Ready(Ok(()));
@@ -150,10 +182,12 @@ impl Pump {
                     ready_or_return!(writer.as_mut().poll_flush(cx).map_err(PumpError::Write));
                     self.needs_flush = false;
                 }
-                // Once both sides have sent their FIN nothing is left to pass
-                // on: dropping the socket sends ours, so a shutdown first
-                // would be a syscall per connection for nothing.
-                if !writer_sent_fin {
+                self.ends_tunnel = opposite.closed_and_settled && self.watch.close_passed();
+                // When the tunnel ends with this FIN, dropping the socket
+                // sends ours, and a shutdown first would be a syscall per
+                // connection for nothing.
+                let dropped_next = opposite.sent_fin || self.ends_tunnel && writer.fin_on_drop();
+                if !dropped_next {
                     ready_or_return!(writer.as_mut().poll_shutdown(cx).map_err(PumpError::Write));
                 }
                 self.finished = true;
@@ -161,8 +195,8 @@ impl Pump {
             }
             let outcome = READ_BUFFER.with_borrow_mut(|chunk| {
                 let mut buf = ReadBuf::new(&mut chunk[..]);
-                let read = reader.as_mut().poll_read(cx, &mut buf);
-                self.after_read(cx, read, buf.filled(), writer.as_mut(), moved)
+                let end = gather(reader.as_mut(), cx, &mut buf);
+                self.pass_on(cx, end, buf.filled(), writer.as_mut(), opposite, moved)
             });
             match outcome {
                 Step::Continue => {}
@@ -174,44 +208,61 @@ impl Pump {
         Poll::Pending
     }
 
-    /// Handles one read's result: passes the bytes on at once, keeping on
-    /// the heap only what the writer cannot take yet.
-    fn after_read<W: AsyncWrite + ?Sized>(
+    /// Passes on what one [`gather`] read, keeping on the heap only what the
+    /// writer cannot take yet.
+    fn pass_on<W: HoldForFin + ?Sized>(
         &mut self,
         cx: &mut Context<'_>,
-        read: Poll<io::Result<()>>,
+        end: ReadEnd,
         data: &[u8],
         mut writer: Pin<&mut W>,
+        opposite: Opposite,
         moved: &mut bool,
     ) -> Step {
-        match read {
-            Poll::Ready(Ok(())) if data.is_empty() => {
+        if !data.is_empty() {
+            self.watch.observe(data);
+            *moved = true;
+            self.bytes += data.len() as u64;
+            // Our FIN goes out right after these bytes: let it ride with them.
+            let fin_follows = matches!(end, ReadEnd::Eof) && !opposite.sent_fin;
+            let mut written = 0;
+            while written < data.len() {
+                let rest = &data[written..];
+                let write = if fin_follows {
+                    writer.as_mut().poll_write_held(cx, rest)
+                } else {
+                    writer.as_mut().poll_write(cx, rest)
+                };
+                match write {
+                    Poll::Ready(Ok(0)) => {
+                        return Step::failed_write(io::ErrorKind::WriteZero.into());
+                    }
+                    Poll::Ready(Ok(count)) => written += count,
+                    Poll::Ready(Err(error)) => return Step::failed_write(error),
+                    Poll::Pending => break,
+                }
+            }
+            self.needs_flush = true;
+            if written < data.len() {
+                self.backlog.extend_from_slice(&data[written..]);
+                match end {
+                    ReadEnd::Eof => self.read_closed = true,
+                    ReadEnd::Failed(error) => {
+                        return Step::Return(Poll::Ready(Err(PumpError::Read(error))));
+                    }
+                    ReadEnd::Pending | ReadEnd::Full => {}
+                }
+                return Step::Return(Poll::Pending);
+            }
+        }
+        match end {
+            ReadEnd::Eof => {
                 self.read_closed = true;
                 Step::Continue
             }
-            Poll::Ready(Ok(())) => {
-                *moved = true;
-                self.bytes += data.len() as u64;
-                let mut written = 0;
-                while written < data.len() {
-                    match writer.as_mut().poll_write(cx, &data[written..]) {
-                        Poll::Ready(Ok(0)) => {
-                            return Step::failed_write(io::ErrorKind::WriteZero.into());
-                        }
-                        Poll::Ready(Ok(count)) => written += count,
-                        Poll::Ready(Err(error)) => return Step::failed_write(error),
-                        Poll::Pending => break,
-                    }
-                }
-                self.needs_flush = true;
-                if written < data.len() {
-                    self.backlog.extend_from_slice(&data[written..]);
-                    return Step::Return(Poll::Pending);
-                }
-                Step::Continue
-            }
-            Poll::Ready(Err(error)) => Step::Return(Poll::Ready(Err(PumpError::Read(error)))),
-            Poll::Pending => {
+            ReadEnd::Full => Step::Continue,
+            ReadEnd::Failed(error) => Step::Return(Poll::Ready(Err(PumpError::Read(error)))),
+            ReadEnd::Pending => {
                 if self.needs_flush {
                     match writer.as_mut().poll_flush(cx) {
                         Poll::Ready(Ok(())) => self.needs_flush = false,
@@ -225,7 +276,79 @@ impl Pump {
     }
 }
 
-/// What [`Pump::after_read`] tells the read loop.
+/// How a [`gather`] ended, after the bytes it read.
+enum ReadEnd {
+    /// The reader has nothing more at hand; its waker is registered.
+    Pending,
+    /// The buffer is full; the reader may have more.
+    Full,
+    Eof,
+    Failed(io::Error),
+}
+
+/// Reads until the reader has nothing more at hand, so a burst leaves in one
+/// write and a FIN that arrived right behind the last bytes is known before
+/// they are written. Costs no syscall over reading once: after a short read
+/// the reactor has already marked the socket drained.
+fn gather<R: AsyncRead + ?Sized>(
+    mut reader: Pin<&mut R>,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+) -> ReadEnd {
+    loop {
+        let before = buf.filled().len();
+        match reader.as_mut().poll_read(cx, buf) {
+            Poll::Ready(Ok(())) if buf.filled().len() == before => return ReadEnd::Eof,
+            Poll::Ready(Ok(())) if buf.remaining() == 0 => return ReadEnd::Full,
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(error)) => return ReadEnd::Failed(error),
+            Poll::Pending => return ReadEnd::Pending,
+        }
+    }
+}
+
+/// A writer that can hold bytes for a FIN that follows at once, so both
+/// leave in one segment. On loopback every segment costs the sender the
+/// receiver's processing too, so a closing direction costs several µs less.
+pub trait HoldForFin: AsyncWrite {
+    /// Writes `buf`, to be followed by `poll_shutdown` or a drop without any
+    /// other write.
+    fn poll_write_held(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write(cx, buf)
+    }
+
+    /// Dropping this writer sends the same FIN `poll_shutdown` would: true of
+    /// a bare socket, not of a TLS session, whose close_notify comes first.
+    fn fin_on_drop(&self) -> bool {
+        false
+    }
+}
+
+/// [`HoldForFin::poll_write_held`] for a TCP socket: `MSG_MORE` keeps the
+/// bytes queued (despite `TCP_NODELAY`) until the shutdown pushes them out
+/// with the FIN.
+pub fn tcp_write_held(
+    tcp: &mut tokio::net::TcpStream,
+    cx: &mut Context<'_>,
+    buf: &[u8],
+) -> Poll<io::Result<usize>> {
+    let socket: &tokio::net::TcpStream = tcp;
+    let held = socket.try_io(tokio::io::Interest::WRITABLE, || {
+        socket2::SockRef::from(socket).send_with_flags(buf, libc::MSG_MORE | libc::MSG_NOSIGNAL)
+    });
+    match held {
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+            Pin::new(tcp).poll_write(cx, buf)
+        }
+        done => Poll::Ready(done),
+    }
+}
+
+/// What [`Pump::pass_on`] tells the read loop.
 enum Step {
     Continue,
     Return(Poll<Result<(), PumpError>>),
@@ -261,8 +384,8 @@ pub async fn splice<C, U>(
     drain: CancellationToken,
 ) -> TunnelOutcome
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + HoldForFin + Unpin,
+    U: AsyncRead + HoldForFin + Unpin,
 {
     let mut to_upstream = Pump::new();
     let mut to_client = Pump::new();
@@ -276,20 +399,18 @@ where
 
     let cause = poll_fn(|cx| {
         let mut moved = false;
-        let upstream_sent_fin = to_client.read_closed;
         let upward = to_upstream.poll_pump(
             cx,
             Pin::new(&mut *client),
             Pin::new(&mut *upstream),
-            upstream_sent_fin,
+            to_client.as_opposite(),
             &mut moved,
         );
-        let client_sent_fin = to_upstream.read_closed;
         let downward = to_client.poll_pump(
             cx,
             Pin::new(&mut *upstream),
             Pin::new(&mut *client),
-            client_sent_fin,
+            to_upstream.as_opposite(),
             &mut moved,
         );
         for (result, read_side, write_side) in [
@@ -312,7 +433,9 @@ where
         if to_client.read_closed && first_eof.is_none() {
             first_eof = Some(Side::Upstream);
         }
-        if upward.is_ready() && downward.is_ready() {
+        if upward.is_ready() && (downward.is_ready() || to_upstream.ends_tunnel)
+            || downward.is_ready() && to_client.ends_tunnel
+        {
             return Poll::Ready(match first_eof {
                 Some(Side::Upstream) => CloseCause::Upstream,
                 _ => CloseCause::Client,

@@ -74,6 +74,26 @@ pub enum ClientConn {
 
 delegate_async_io!(ClientConn { Plain, Tls });
 
+impl crate::tunnel::HoldForFin for ClientConn {
+    fn poll_write_held(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ClientConn::Plain(tcp) => crate::tunnel::tcp_write_held(tcp, cx, buf),
+            // The session's close_notify is written between the two anyway.
+            ClientConn::Tls(tls) => {
+                tokio::io::AsyncWrite::poll_write(std::pin::Pin::new(tls), cx, buf)
+            }
+        }
+    }
+
+    fn fin_on_drop(&self) -> bool {
+        matches!(self, ClientConn::Plain(_))
+    }
+}
+
 /// The upstream side of a tunnel: the connection the upgrade was sent on,
 /// with whatever the backend sent behind its 101 in front.
 pub type UpstreamIo = Prefixed<UpstreamStream>;

@@ -311,3 +311,21 @@ impl AsyncWrite for UpstreamStream {
 }
 
 crate::upgraded::delegate_async_io!(StreamKind { Plain, Tls });
+
+impl crate::tunnel::HoldForFin for UpstreamStream {
+    fn poll_write_held(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().io {
+            StreamKind::Plain(tcp) => crate::tunnel::tcp_write_held(tcp, cx, buf),
+            // The session's close_notify is written between the two anyway.
+            StreamKind::Tls(tls) => Pin::new(tls).poll_write(cx, buf),
+        }
+    }
+
+    fn fin_on_drop(&self) -> bool {
+        matches!(self.io, StreamKind::Plain(_))
+    }
+}
