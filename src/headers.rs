@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 
-use http::header::{CONNECTION, HOST, UPGRADE};
+use http::header::{CONNECTION, Entry, HOST, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 
@@ -75,8 +75,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, websocket_upgrade: bool) {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    // Looked for in one pass over the (few) fields present, rather than a
+    // hash lookup per name: most requests carry one or two of them.
+    let present = headers.keys().fold(0u16, |found, name| {
+        HOP_BY_HOP
+            .iter()
+            .position(|hop| hop == name)
+            .map_or(found, |index| found | 1 << index)
+    });
+    for (index, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & 1 << index != 0 {
+            headers.remove(name);
+        }
     }
     if websocket_upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
@@ -139,15 +149,16 @@ pub struct Hop {
 /// trusted peer the incoming chain is extended and its proto/host kept; from
 /// anyone else the incoming values are lies or noise and are replaced.
 ///
-/// This runs on every request, so the peer's address is formatted once and
-/// values are built without intermediate copies.
+/// This runs on every request, so the peer's address is formatted once, by
+/// hand (`fmt` cost more than the rest of the headers), and each header is
+/// looked up once.
 pub fn set_forwarding_headers(headers: &mut HeaderMap, hop: &Hop) {
     let peer = hop.peer.to_canonical();
-    let peer_text = peer.to_string();
+    let mut peer_text = String::with_capacity(40);
+    push_ip(&mut peer_text, peer);
     let proto = if hop.tls { "https" } else { "http" };
     let host = headers.get(HOST).cloned();
 
-    let peer_value = owned_value(peer_text.clone());
     let chain = match hop
         .peer_trusted
         .then(|| joined(headers, &X_FORWARDED_FOR))
@@ -158,57 +169,94 @@ pub fn set_forwarding_headers(headers: &mut HeaderMap, hop: &Hop) {
             incoming.push_str(&peer_text);
             owned_value(incoming)
         }
-        None => peer_value.clone(),
+        None => HeaderValue::from_str(&peer_text).ok(),
     };
     insert_some(headers, X_FORWARDED_FOR, chain);
 
-    if !(hop.peer_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    match headers.entry(X_FORWARDED_PROTO) {
+        Entry::Occupied(_) if hop.peer_trusted => {}
+        Entry::Occupied(mut entry) => {
+            entry.insert(HeaderValue::from_static(proto));
+        }
+        Entry::Vacant(entry) => {
+            entry.insert(HeaderValue::from_static(proto));
+        }
     }
-    if !(hop.peer_trusted && headers.contains_key(&X_FORWARDED_HOST)) {
-        match &host {
-            Some(host) => headers.insert(X_FORWARDED_HOST, host.clone()),
-            None => headers.remove(X_FORWARDED_HOST),
-        };
+    match (headers.entry(X_FORWARDED_HOST), &host) {
+        (Entry::Occupied(_), _) if hop.peer_trusted => {}
+        (Entry::Occupied(mut entry), Some(host)) => {
+            entry.insert(host.clone());
+        }
+        (Entry::Occupied(entry), None) => {
+            entry.remove_entry_mult().1.for_each(drop);
+        }
+        (Entry::Vacant(entry), Some(host)) => {
+            entry.insert(host.clone());
+        }
+        (Entry::Vacant(_), None) => {}
     }
     let client = hop.client_ip.to_canonical();
     let real_ip = if client == peer {
-        peer_value
+        HeaderValue::from_str(&peer_text).ok()
     } else {
-        owned_value(client.to_string())
+        let mut client_text = String::with_capacity(40);
+        push_ip(&mut client_text, client);
+        owned_value(client_text)
     };
     insert_some(headers, X_REAL_IP, real_ip);
 
-    let mut element = String::with_capacity(48 + peer_text.len());
-    element.push_str("for=");
-    // RFC 7239 §6: IPv6 nodes are bracketed, and then must be a quoted-string.
-    match peer {
-        IpAddr::V4(_) => element.push_str(&peer_text),
-        IpAddr::V6(_) => {
-            element.push_str("\"[");
-            element.push_str(&peer_text);
-            element.push_str("]\"");
-        }
-    }
-    element.push_str(";proto=");
-    element.push_str(proto);
-    if let Some(host) = host.as_ref().and_then(|host| host.to_str().ok()) {
-        element.push_str(";host=");
-        push_forwarded_value(&mut element, host);
-    }
-    let forwarded = match hop
+    let incoming = hop
         .peer_trusted
         .then(|| joined(headers, &FORWARDED))
-        .flatten()
-    {
+        .flatten();
+    let mut forwarded = match incoming {
         Some(mut incoming) => {
             incoming.push_str(", ");
-            incoming.push_str(&element);
             incoming
         }
-        None => element,
+        None => String::with_capacity(48 + peer_text.len()),
     };
+    forwarded.push_str("for=");
+    // RFC 7239 §6: IPv6 nodes are bracketed, and then must be a quoted-string.
+    match peer {
+        IpAddr::V4(_) => forwarded.push_str(&peer_text),
+        IpAddr::V6(_) => {
+            forwarded.push_str("\"[");
+            forwarded.push_str(&peer_text);
+            forwarded.push_str("]\"");
+        }
+    }
+    forwarded.push_str(";proto=");
+    forwarded.push_str(proto);
+    if let Some(host) = host.as_ref().and_then(|host| host.to_str().ok()) {
+        forwarded.push_str(";host=");
+        push_forwarded_value(&mut forwarded, host);
+    }
     insert_some(headers, FORWARDED, owned_value(forwarded));
+}
+
+/// Appends `ip` in its usual text form.
+fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (index, octet) in v4.octets().into_iter().enumerate() {
+                if index > 0 {
+                    out.push('.');
+                }
+                if octet >= 100 {
+                    out.push(char::from(b'0' + octet / 100));
+                }
+                if octet >= 10 {
+                    out.push(char::from(b'0' + octet / 10 % 10));
+                }
+                out.push(char::from(b'0' + octet % 10));
+            }
+        }
+        IpAddr::V6(v6) => {
+            use std::fmt::Write;
+            let _ = write!(out, "{v6}");
+        }
+    }
 }
 
 /// All instances of a header joined with ", " (RFC 9110 §5.3 list semantics).
@@ -356,6 +404,25 @@ mod tests {
             client_ip(mapped, &headers, &trusted),
             "203.0.113.9".parse::<IpAddr>().unwrap()
         );
+    }
+
+    #[test]
+    fn addresses_are_written_as_std_writes_them() {
+        let addresses = [
+            "0.0.0.0",
+            "9.10.99.100",
+            "255.254.200.101",
+            "127.0.0.1",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "::ffff:10.0.0.1",
+        ];
+        for text in addresses {
+            let ip: IpAddr = text.parse().unwrap();
+            let mut out = String::new();
+            push_ip(&mut out, ip);
+            assert_eq!(out, ip.to_string());
+        }
     }
 
     #[test]

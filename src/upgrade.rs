@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, UPGRADE};
-use http::{Response, StatusCode};
+use http::Response;
+use http::header::CONTENT_LENGTH;
 use tokio::io::AsyncWriteExt;
 
 use crate::error::Rejection;
@@ -27,7 +27,7 @@ use crate::state::Route;
 use crate::tunnel;
 use crate::upgraded::{self, ClientConn, UpstreamIo};
 use crate::upstream::UpstreamStream;
-use crate::wire::{self, AnswerError, ResponseHead, UpgradeRequest};
+use crate::wire::{self, AnswerError, AnswerHead, SwitchHead, UpgradeRequest};
 
 /// The backend's answer to a forwarded upgrade.
 pub enum Answer {
@@ -39,7 +39,7 @@ pub enum Answer {
 
 /// A valid 101 and the connection it came on.
 pub struct Switched {
-    pub head: ResponseHead,
+    pub head: SwitchHead,
     /// Bytes the backend sent right behind its 101.
     pub early: Bytes,
     pub stream: UpstreamStream,
@@ -69,16 +69,17 @@ pub async fn exchange(
             stream.write_all(&head).await?;
             stream.flush().await?;
             let mut buffer = BytesMut::with_capacity(1024);
-            let answer = wire::read_response_head(&mut stream, &mut buffer).await?;
-            if answer.status == StatusCode::SWITCHING_PROTOCOLS {
-                return Ok((answer, buffer.freeze(), None));
+            match wire::read_response_head(&mut stream, &mut buffer).await? {
+                AnswerHead::Switch(head) => Ok(Ok((head, buffer.freeze()))),
+                AnswerHead::Final(head) => {
+                    let body = wire::read_body(&mut stream, &head, buffer).await?;
+                    Ok::<_, AnswerError>(Err(head.into_response(body)))
+                }
             }
-            let body = wire::read_body(&mut stream, &answer, buffer).await?;
-            Ok::<_, AnswerError>((answer, Bytes::new(), Some(body)))
         });
         tokio::time::timeout(timeout, talk).await
     };
-    let (head, early, refusal_body) = match answered {
+    let (head, early) = match answered {
         Err(_) => {
             return Err(Rejection::UpstreamTimeout {
                 detail: format!("upstream {name:?} did not answer the upgrade within {timeout:?}"),
@@ -96,24 +97,21 @@ pub async fn exchange(
                 detail: format!("upstream {name:?} failed during the upgrade: {error}"),
             });
         }
-        Ok(Ok(answer)) => answer,
+        Ok(Ok(Ok(switch))) => switch,
+        Ok(Ok(Err(mut refusal))) => {
+            headers::strip_hop_by_hop(refusal.headers_mut(), false);
+            // The relayed body is framed afresh: it was decoded and may have been chunked.
+            refusal.headers_mut().remove(CONTENT_LENGTH);
+            route.metrics.rejected.inc();
+            return Ok(Answer::Refused(refusal));
+        }
     };
-    if let Some(body) = refusal_body {
-        let mut response = head.into_response(body);
-        headers::strip_hop_by_hop(response.headers_mut(), false);
-        // The relayed body is framed afresh: it was decoded and may have been chunked.
-        response.headers_mut().remove(CONTENT_LENGTH);
-        route.metrics.rejected.inc();
-        return Ok(Answer::Refused(response));
-    }
-    if !headers::list_tokens(&head.headers, &UPGRADE)
-        .any(|token| token.eq_ignore_ascii_case("websocket"))
-    {
+    if !head.upgrades_to_websocket {
         return Err(Rejection::UpstreamProtocol {
             detail: format!("upstream {name:?} answered 101 without Upgrade: websocket"),
         });
     }
-    policy::check_selected_subprotocol(&parts.headers, &head.headers)?;
+    policy::check_selected_subprotocol(&parts.headers, &head.selected_protocols)?;
     route.metrics.upgraded.inc();
     route
         .metrics
@@ -241,7 +239,10 @@ pub(crate) async fn through_hyper(
         let route = &conn.state.routes[route_index];
         run_tunnel(&mut client, &mut upstream, route, &conn, client_ip).await;
     });
-    Ok(head.into_response(proxy::empty()))
+    head.into_response(proxy::empty())
+        .map_err(|error| Rejection::UpstreamProtocol {
+            detail: format!("the backend's 101 could not be re-read: {error}"),
+        })
 }
 
 async fn run_tunnel(

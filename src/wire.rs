@@ -162,11 +162,43 @@ fn encode_final_response(response: &Response<Bytes>, out: &mut Vec<u8>) {
 
 /// An upstream's answer head.
 #[derive(Debug)]
+pub enum AnswerHead {
+    Switch(SwitchHead),
+    Final(ResponseHead),
+}
+
+/// A 101: checked on the two facts below, then sent on as it came, so no
+/// header map is built for it.
+#[derive(Debug)]
+pub struct SwitchHead {
+    /// The head exactly as it arrived, status line to blank line.
+    pub raw: Bytes,
+    /// An `Upgrade` field names the `websocket` token.
+    pub upgrades_to_websocket: bool,
+    /// Each `Sec-WebSocket-Protocol` field's value, as sent.
+    pub selected_protocols: Vec<Bytes>,
+}
+
+impl SwitchHead {
+    /// The 101 as a response, for hyper to write.
+    pub fn into_response<B>(self, body: B) -> Result<Response<B>, AnswerError> {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut fields);
+        parsed
+            .parse(&self.raw)
+            .map_err(|_| AnswerError::Malformed("bad status line or header field"))?;
+        let mut response = Response::new(body);
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        *response.headers_mut() = field_map(parsed.headers, &self.raw, 0)?;
+        Ok(response)
+    }
+}
+
+/// A final answer other than a 101: a refusal, relayed with its body.
+#[derive(Debug)]
 pub struct ResponseHead {
     pub status: StatusCode,
     pub headers: HeaderMap,
-    /// The head exactly as it arrived, status line to blank line.
-    pub raw: Bytes,
 }
 
 impl ResponseHead {
@@ -198,19 +230,18 @@ pub enum AnswerError {
 pub async fn read_response_head<S: AsyncRead + Unpin>(
     stream: &mut S,
     buffer: &mut BytesMut,
-) -> Result<ResponseHead, AnswerError> {
+) -> Result<AnswerHead, AnswerError> {
     let mut scanned = 0;
     loop {
         // Found by its blank line first, so a head is parsed once, whole.
         if let Some(head_len) = blank_line_end(buffer, scanned) {
             scanned = 0;
             let raw = buffer.split_to(head_len).freeze();
-            let head = parse_response_head(raw)?;
-            // Interim answers (100, 102, 103) precede the real one (RFC 9110 §15.2).
-            if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
-                continue;
+            match parse_response_head(raw)? {
+                Some(head) => return Ok(head),
+                // Interim answers (100, 102, 103) precede the real one (RFC 9110 §15.2).
+                None => continue,
             }
-            return Ok(head);
         }
         if buffer.len() >= MAX_RESPONSE_HEAD {
             return Err(AnswerError::TooLarge("head", MAX_RESPONSE_HEAD));
@@ -239,7 +270,8 @@ pub(crate) fn blank_line_end(bytes: &[u8], scanned: usize) -> Option<usize> {
     None
 }
 
-fn parse_response_head(raw: Bytes) -> Result<ResponseHead, AnswerError> {
+/// The head in `raw`; `None` for an interim (1xx but 101) answer.
+fn parse_response_head(raw: Bytes) -> Result<Option<AnswerHead>, AnswerError> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut fields);
     match response.parse(&raw) {
@@ -256,12 +288,37 @@ fn parse_response_head(raw: Bytes) -> Result<ResponseHead, AnswerError> {
         .code
         .and_then(|code| StatusCode::from_u16(code).ok())
         .ok_or(AnswerError::Malformed("bad status code"))?;
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(Some(AnswerHead::Switch(switch_head(
+            response.headers,
+            &raw,
+        ))));
+    }
+    if status.is_informational() {
+        return Ok(None);
+    }
     let headers = field_map(response.headers, &raw, 0)?;
-    Ok(ResponseHead {
-        status,
-        headers,
-        raw,
-    })
+    Ok(Some(AnswerHead::Final(ResponseHead { status, headers })))
+}
+
+fn switch_head(fields: &[httparse::Header<'_>], raw: &Bytes) -> SwitchHead {
+    let mut upgrades_to_websocket = false;
+    let mut selected_protocols = Vec::new();
+    for field in fields {
+        if field.name.eq_ignore_ascii_case("upgrade") {
+            upgrades_to_websocket |= field
+                .value
+                .split(|&byte| byte == b',')
+                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"websocket"));
+        } else if field.name.eq_ignore_ascii_case("sec-websocket-protocol") {
+            selected_protocols.push(raw.slice_ref(field.value));
+        }
+    }
+    SwitchHead {
+        raw: raw.clone(),
+        upgrades_to_websocket,
+        selected_protocols,
+    }
 }
 
 /// How a response's body ends (RFC 9112 §6.3).
@@ -461,15 +518,23 @@ mod tests {
         );
     }
 
-    async fn answer(wire: &[u8]) -> Result<(ResponseHead, Bytes, BytesMut), AnswerError> {
+    async fn answer(wire: &[u8]) -> Result<(AnswerHead, Bytes, BytesMut), AnswerError> {
         let mut stream = wire;
         let mut buffer = BytesMut::new();
-        let head = read_response_head(&mut stream, &mut buffer).await?;
-        if head.status == StatusCode::SWITCHING_PROTOCOLS {
-            return Ok((head, Bytes::new(), buffer));
+        match read_response_head(&mut stream, &mut buffer).await? {
+            AnswerHead::Switch(head) => Ok((AnswerHead::Switch(head), Bytes::new(), buffer)),
+            AnswerHead::Final(head) => {
+                let body = read_body(&mut stream, &head, buffer).await?;
+                Ok((AnswerHead::Final(head), body, BytesMut::new()))
+            }
         }
-        let body = read_body(&mut stream, &head, buffer).await?;
-        Ok((head, body, BytesMut::new()))
+    }
+
+    async fn refusal(wire: &[u8]) -> Result<(ResponseHead, Bytes), AnswerError> {
+        match answer(wire).await? {
+            (AnswerHead::Final(head), body, _) => Ok((head, body)),
+            (other, ..) => panic!("not a refusal: {other:?}"),
+        }
     }
 
     #[tokio::test]
@@ -478,11 +543,32 @@ mod tests {
         let mut wire = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
         wire.extend_from_slice(head);
         wire.extend_from_slice(b"\x81\x02hi");
-        let (parsed, _, early) = answer(&wire).await.unwrap();
-        assert_eq!(parsed.status, StatusCode::SWITCHING_PROTOCOLS);
+        let (AnswerHead::Switch(parsed), _, early) = answer(&wire).await.unwrap() else {
+            panic!("the 101 is the answer");
+        };
         assert_eq!(&parsed.raw[..], &head[..]);
-        assert_eq!(parsed.headers["upgrade"], "websocket");
+        assert!(parsed.upgrades_to_websocket);
+        assert!(parsed.selected_protocols.is_empty());
         assert_eq!(&early[..], b"\x81\x02hi");
+        let response = parsed.into_response(()).unwrap();
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(response.headers()["upgrade"], "websocket");
+        assert_eq!(response.headers()["connection"], "Upgrade");
+    }
+
+    #[tokio::test]
+    async fn switch_facts_come_from_every_field_of_their_name() {
+        let wire = b"HTTP/1.1 101 Switching Protocols\r\nUPGRADE: h2c, WebSocket \r\nSec-WebSocket-Protocol: chat\r\nsec-websocket-protocol:  v2\r\n\r\n";
+        let (AnswerHead::Switch(head), ..) = answer(wire).await.unwrap() else {
+            panic!("the 101 is the answer");
+        };
+        assert!(head.upgrades_to_websocket);
+        assert_eq!(head.selected_protocols, [&b"chat"[..], &b"v2"[..]]);
+        let wire = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websockets\r\nX-Upgrade: websocket\r\n\r\n";
+        let (AnswerHead::Switch(head), ..) = answer(wire).await.unwrap() else {
+            panic!("the 101 is the answer");
+        };
+        assert!(!head.upgrades_to_websocket);
     }
 
     #[tokio::test]
@@ -498,7 +584,7 @@ mod tests {
             (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n", b""),
         ];
         for (wire, body) in cases {
-            let (_, got, _) = answer(wire).await.unwrap();
+            let (_, got) = refusal(wire).await.unwrap();
             assert_eq!(&got[..], body, "{:?}", String::from_utf8_lossy(wire));
         }
     }

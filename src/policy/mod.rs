@@ -167,19 +167,18 @@ pub fn check_subprotocols(
 /// subprotocol it did not offer, so such a 101 is not passed on.
 pub fn check_selected_subprotocol(
     forwarded_offer: &HeaderMap,
-    response: &HeaderMap,
+    selected: &[bytes::Bytes],
 ) -> Result<(), Rejection> {
-    let mut selected = response.get_all(SEC_WEBSOCKET_PROTOCOL).iter();
-    let choice = match (selected.next(), selected.next()) {
-        (None, _) => return Ok(()),
-        (Some(_), Some(_)) => {
+    let choice = match selected {
+        [] => return Ok(()),
+        [choice] => choice,
+        _ => {
             return Err(Rejection::UpstreamProtocol {
                 detail: "the backend selected more than one subprotocol".to_owned(),
             });
         }
-        (Some(choice), None) => choice,
     };
-    let choice = choice.to_str().unwrap_or_default().trim();
+    let choice = std::str::from_utf8(choice).unwrap_or_default().trim();
     if list_tokens(forwarded_offer, &SEC_WEBSOCKET_PROTOCOL).any(|offered| offered == choice) {
         Ok(())
     } else {
