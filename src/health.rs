@@ -33,8 +33,8 @@ pub async fn check_forever(upstream: Weak<Upstream>, check: HealthCheck) {
 }
 
 async fn probe(upstream: &Arc<Upstream>, index: usize, path: &str) -> Result<(), String> {
-    let stream = upstream
-        .connect_to(index)
+    let (stream, _) = upstream
+        .connect_to(index, &[])
         .await
         .map_err(|error| error.to_string())?;
     let (mut sender, connection) =

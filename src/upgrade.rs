@@ -54,8 +54,10 @@ pub async fn exchange(
     started: Instant,
 ) -> Result<Answer, Rejection> {
     let upstream = &route.upstream;
-    let mut stream = upstream
-        .connect()
+    let mut head = Vec::new();
+    wire::encode_request_head(parts, &mut head);
+    let (mut stream, sent) = upstream
+        .connect_sending(&head)
         .await
         .map_err(|error| proxy::connect_rejection(&error))?;
     let name = &upstream.config.name;
@@ -64,9 +66,7 @@ pub async fn exchange(
     // handing the future itself to `timeout` would copy it.
     let answered = {
         let talk = std::pin::pin!(async {
-            let mut head = Vec::new();
-            wire::encode_request_head(parts, &mut head);
-            stream.write_all(&head).await?;
+            stream.write_all(&head[sent..]).await?;
             stream.flush().await?;
             let mut buffer = BytesMut::with_capacity(1024);
             match wire::read_response_head(&mut stream, &mut buffer).await? {

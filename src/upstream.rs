@@ -182,16 +182,25 @@ impl Upstream {
     /// Connects to a server of the pool, trying each once from the balancer's
     /// choice; the last error is returned when all fail.
     pub async fn connect(self: &Arc<Self>) -> Result<UpstreamStream, ConnectError> {
+        self.connect_sending(&[]).await.map(|(stream, _)| stream)
+    }
+
+    /// [`Upstream::connect`], sending `first` on a plaintext connection as
+    /// soon as the kernel takes it; returns how many of its bytes were sent.
+    pub async fn connect_sending(
+        self: &Arc<Self>,
+        first: &[u8],
+    ) -> Result<(UpstreamStream, usize), ConnectError> {
         let count = self.config.servers.len();
-        let first = self.first_choice();
+        let start = self.first_choice();
         let mut last_error = None;
         for offset in 0..count {
-            let index = (first + offset) % count;
+            let index = (start + offset) % count;
             if !self.healthy[index].load(Ordering::Acquire) {
                 continue;
             }
-            match self.connect_to(index).await {
-                Ok(stream) => return Ok(stream),
+            match self.connect_to(index, first).await {
+                Ok(connected) => return Ok(connected),
                 Err(error) => {
                     tracing::warn!(upstream = %self.config.name, %error, "upstream connect failed");
                     last_error = Some(error);
@@ -208,7 +217,8 @@ impl Upstream {
     pub(crate) async fn connect_to(
         self: &Arc<Self>,
         index: usize,
-    ) -> Result<UpstreamStream, ConnectError> {
+        first: &[u8],
+    ) -> Result<(UpstreamStream, usize), ConnectError> {
         let server = &self.config.servers[index];
         let unavailable = |source: io::Error| ConnectError::Unavailable {
             upstream: self.config.name.clone(),
@@ -217,11 +227,8 @@ impl Upstream {
         };
         let timeout = self.config.connect_timeout;
         let attempt = async {
-            let tcp = TcpStream::connect(server.as_str())
-                .await
-                .map_err(unavailable)?;
-            // Frames must not wait for Nagle: WebSocket traffic is small and latency-bound.
-            tcp.set_nodelay(true).map_err(unavailable)?;
+            let first = if self.tls.is_some() { &[][..] } else { first };
+            let (tcp, sent) = tcp_connect(server, first).await.map_err(unavailable)?;
             let io = match &self.tls {
                 None => StreamKind::Plain(tcp),
                 Some(connector) => {
@@ -242,11 +249,11 @@ impl Upstream {
                     ))
                 }
             };
-            Ok(io)
+            Ok((io, sent))
         };
         // Pinned in place: handing the future itself to `timeout` would copy it.
         let attempt = std::pin::pin!(attempt);
-        let io =
+        let (io, sent) =
             tokio::time::timeout(timeout, attempt)
                 .await
                 .map_err(|_| ConnectError::Timeout {
@@ -255,14 +262,60 @@ impl Upstream {
                     timeout,
                 })??;
         self.active[index].fetch_add(1, Ordering::Relaxed);
-        Ok(UpstreamStream {
+        let stream = UpstreamStream {
             io,
             _lease: Lease {
                 upstream: self.clone(),
                 server: index,
             },
-        })
+        };
+        Ok((stream, sent))
     }
+}
+
+/// Connects to `server` and sends `first` as soon as the kernel takes it. On
+/// a fast path (loopback, a LAN) the TCP handshake is over by the time
+/// `connect` returns, so the bytes leave at once, without a reactor round to
+/// learn the socket is writable and the `SO_ERROR` check behind it. Returns
+/// how many bytes of `first` were sent.
+async fn tcp_connect(server: &str, first: &[u8]) -> io::Result<(TcpStream, usize)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+
+    let Ok(addr) = server.parse::<std::net::SocketAddr>() else {
+        // A name: resolved, and tried address by address, by tokio.
+        let tcp = TcpStream::connect(server).await?;
+        tcp.set_nodelay(true)?;
+        return Ok((tcp, 0));
+    };
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    // Frames must not wait for Nagle: WebSocket traffic is small and latency-bound.
+    socket.set_tcp_nodelay(true)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(error) if error.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(error) => return Err(error),
+    }
+    // Still connecting is `WouldBlock`; a refused connect is its error.
+    let sent = match first {
+        [] => 0,
+        bytes => match socket.send_with_flags(bytes, libc::MSG_NOSIGNAL) {
+            Ok(sent) => sent,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(error) => return Err(error),
+        },
+    };
+    let tcp = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    if sent == 0 {
+        tcp.writable().await?;
+        if let Some(error) = tcp.take_error()? {
+            return Err(error);
+        }
+    }
+    Ok((tcp, sent))
 }
 
 enum StreamKind {

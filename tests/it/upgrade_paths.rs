@@ -226,3 +226,43 @@ async fn upgrade_with_bare_lf_line_endings_is_served() {
     drop(stream);
     proxy.stop().await;
 }
+
+/// The request head leaves with the connect; a server that refuses the
+/// connect is still skipped for the next one.
+#[tokio::test]
+async fn a_refusing_server_is_skipped_for_the_next() {
+    let (backend, mut seen) = spawn_plain_or_echo_backend().await;
+    let (_dead_socket, dead) = refusing_port();
+    let proxy = start_proxy(&format!(
+        r#"
+        [[listener]]
+        addr = "127.0.0.1:0"
+        [server]
+        drain_timeout = "1s"
+        [upstream.backend]
+        servers = ["{dead}", "{backend}"]
+        [[route]]
+        path = "/"
+        upstream = "backend"
+        missing_origin = "allow"
+        "#
+    ))
+    .await;
+    // Round robin starts on each server in turn: two upgrades meet the dead one once.
+    for attempt in 0..2 {
+        let (head, _, mut stream) =
+            exchange(proxy.addr(), &upgrade_request("/chat", "app.example", &[])).await;
+        assert_eq!(head.status, 101, "attempt {attempt}");
+        let request = within("the backend to see the upgrade", seen.recv())
+            .await
+            .unwrap();
+        assert!(request.starts_with("GET /chat HTTP/1.1\r\n"), "{request}");
+        stream
+            .write_all(&ws_frame(0x81, b"hi", Some([1, 2, 3, 4])))
+            .await
+            .unwrap();
+        let echoed = read_frame(&mut stream).await;
+        assert_eq!(echoed.payload, b"hi");
+    }
+    proxy.stop().await;
+}
