@@ -140,10 +140,6 @@ impl<S: crate::tunnel::HoldForFin + Unpin> crate::tunnel::HoldForFin for Prefixe
     ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write_held(cx, buf)
     }
-
-    fn fin_on_drop(&self) -> bool {
-        self.inner.fin_on_drop()
-    }
 }
 
 #[cfg(test)]

@@ -22,15 +22,13 @@
 //! - [`upstream`]: backend pools, balancing, connects.
 //! - [`upgrade`]: the exchange with the backend, the 101 and the tunnel's
 //!   start; [`wire`] reads and writes its HTTP/1.1 heads.
-//! - [`tunnel`]: the byte splice with idle timeout; [`close_watch`] tells it
-//!   when a WebSocket closing handshake has passed.
+//! - [`tunnel`]: the byte splice with idle timeout.
 //!
 //! Around it: [`config`] (TOML → validated types), [`state`] (one runtime
 //! generation per config), [`tls`], [`metrics`] and [`admin`], and the tools
 //! [`demo`], [`echo`] and [`load`].
 
 pub mod admin;
-pub mod close_watch;
 pub mod config;
 pub mod demo;
 pub mod echo;

@@ -5,9 +5,8 @@
 //! tunnel holds no copy buffer while idle — with tens of thousands of idle
 //! WebSockets, the two 8 KiB buffers per tunnel of `copy_bidirectional` would
 //! dominate memory. A FIN in one direction is passed on as a write shutdown
-//! while the other keeps flowing; the tunnel ends when both have finished, at
-//! the first FIN after a WebSocket closing handshake ([`crate::close_watch`]),
-//! when no byte moved either way for `idle_timeout`, or when a drain cuts it.
+//! while the other keeps flowing; the tunnel ends when both have finished, when
+//! no byte moved either way for `idle_timeout`, or when a drain cuts it.
 
 use std::future::{Future, poll_fn};
 use std::io;
@@ -18,8 +17,6 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-use crate::close_watch::CloseWatch;
 
 /// `ready!` that also propagates the error as `Poll::Ready(Err)`.
 macro_rules! ready_or_return {
@@ -88,10 +85,6 @@ struct Pump {
     read_closed: bool,
     finished: bool,
     bytes: u64,
-    watch: CloseWatch,
-    /// This direction's FIN came after the closing handshake, with nothing
-    /// left to write the other way: it ends the tunnel.
-    ends_tunnel: bool,
 }
 
 enum PumpError {
@@ -108,44 +101,19 @@ impl Pump {
             read_closed: false,
             finished: false,
             bytes: 0,
-            watch: CloseWatch::new(),
-            ends_tunnel: false,
         }
     }
 
-    /// Everything read has been handed to the writer, flushed.
-    fn settled(&self) -> bool {
-        self.backlog_written == self.backlog.len() && !self.needs_flush
-    }
-
-    /// This direction as the pump going the other way sees it.
-    fn as_opposite(&self) -> Opposite {
-        Opposite {
-            sent_fin: self.read_closed,
-            closed_and_settled: self.watch.close_passed() && self.settled(),
-        }
-    }
-}
-
-/// What a pump needs to know of the direction going the other way.
-#[derive(Clone, Copy)]
-struct Opposite {
-    /// The side this pump writes to has sent its FIN.
-    sent_fin: bool,
-    /// A Close frame has gone the other way, and all it read is written.
-    closed_and_settled: bool,
-}
-
-impl Pump {
     /// Drives this direction as far as it can go; `Ready` once the reader hit
     /// EOF and the writer has been shut down. `moved` is set when any byte
-    /// was read, for the idle clock.
+    /// was read, for the idle clock. `writer_sent_fin`: the side we write to
+    /// has finished sending.
     fn poll_pump<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         mut reader: Pin<&mut R>,
         mut writer: Pin<&mut W>,
-        opposite: Opposite,
+        writer_sent_fin: bool,
         moved: &mut bool,
     ) -> Poll<Result<(), PumpError>>
     where
@@ -182,12 +150,10 @@ impl Pump {
                     ready_or_return!(writer.as_mut().poll_flush(cx).map_err(PumpError::Write));
                     self.needs_flush = false;
                 }
-                self.ends_tunnel = opposite.closed_and_settled && self.watch.close_passed();
-                // When the tunnel ends with this FIN, dropping the socket
-                // sends ours, and a shutdown first would be a syscall per
-                // connection for nothing.
-                let dropped_next = opposite.sent_fin || self.ends_tunnel && writer.fin_on_drop();
-                if !dropped_next {
+                // Once both sides have sent their FIN nothing is left to pass
+                // on: dropping the socket sends ours, so a shutdown first
+                // would be a syscall per connection for nothing.
+                if !writer_sent_fin {
                     ready_or_return!(writer.as_mut().poll_shutdown(cx).map_err(PumpError::Write));
                 }
                 self.finished = true;
@@ -196,7 +162,14 @@ impl Pump {
             let outcome = READ_BUFFER.with_borrow_mut(|chunk| {
                 let mut buf = ReadBuf::new(&mut chunk[..]);
                 let end = gather(reader.as_mut(), cx, &mut buf);
-                self.pass_on(cx, end, buf.filled(), writer.as_mut(), opposite, moved)
+                self.pass_on(
+                    cx,
+                    end,
+                    buf.filled(),
+                    writer.as_mut(),
+                    writer_sent_fin,
+                    moved,
+                )
             });
             match outcome {
                 Step::Continue => {}
@@ -216,15 +189,14 @@ impl Pump {
         end: ReadEnd,
         data: &[u8],
         mut writer: Pin<&mut W>,
-        opposite: Opposite,
+        writer_sent_fin: bool,
         moved: &mut bool,
     ) -> Step {
         if !data.is_empty() {
-            self.watch.observe(data);
             *moved = true;
             self.bytes += data.len() as u64;
             // Our FIN goes out right after these bytes: let it ride with them.
-            let fin_follows = matches!(end, ReadEnd::Eof) && !opposite.sent_fin;
+            let fin_follows = matches!(end, ReadEnd::Eof) && !writer_sent_fin;
             let mut written = 0;
             while written < data.len() {
                 let rest = &data[written..];
@@ -311,20 +283,13 @@ fn gather<R: AsyncRead + ?Sized>(
 /// leave in one segment. On loopback every segment costs the sender the
 /// receiver's processing too, so a closing direction costs several µs less.
 pub trait HoldForFin: AsyncWrite {
-    /// Writes `buf`, to be followed by `poll_shutdown` or a drop without any
-    /// other write.
+    /// Writes `buf`, to be followed by `poll_shutdown` without any other write.
     fn poll_write_held(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         self.poll_write(cx, buf)
-    }
-
-    /// Dropping this writer sends the same FIN `poll_shutdown` would: true of
-    /// a bare socket, not of a TLS session, whose close_notify comes first.
-    fn fin_on_drop(&self) -> bool {
-        false
     }
 }
 
@@ -403,14 +368,14 @@ where
             cx,
             Pin::new(&mut *client),
             Pin::new(&mut *upstream),
-            to_client.as_opposite(),
+            to_client.read_closed,
             &mut moved,
         );
         let downward = to_client.poll_pump(
             cx,
             Pin::new(&mut *upstream),
             Pin::new(&mut *client),
-            to_upstream.as_opposite(),
+            to_upstream.read_closed,
             &mut moved,
         );
         for (result, read_side, write_side) in [
@@ -433,9 +398,7 @@ where
         if to_client.read_closed && first_eof.is_none() {
             first_eof = Some(Side::Upstream);
         }
-        if upward.is_ready() && (downward.is_ready() || to_upstream.ends_tunnel)
-            || downward.is_ready() && to_client.ends_tunnel
-        {
+        if upward.is_ready() && downward.is_ready() {
             return Poll::Ready(match first_eof {
                 Some(Side::Upstream) => CloseCause::Upstream,
                 _ => CloseCause::Client,

@@ -88,10 +88,6 @@ impl crate::tunnel::HoldForFin for ClientConn {
             }
         }
     }
-
-    fn fin_on_drop(&self) -> bool {
-        matches!(self, ClientConn::Plain(_))
-    }
 }
 
 /// The upstream side of a tunnel: the connection the upgrade was sent on,

@@ -377,8 +377,4 @@ impl crate::tunnel::HoldForFin for UpstreamStream {
             StreamKind::Tls(tls) => Pin::new(tls).poll_write(cx, buf),
         }
     }
-
-    fn fin_on_drop(&self) -> bool {
-        matches!(self.io, StreamKind::Plain(_))
-    }
 }
