@@ -75,9 +75,21 @@ impl<S> Prefixed<S> {
         Prefixed { prefix, inner }
     }
 
-    /// The bytes not yet read, and the stream.
-    pub fn into_parts(self) -> (Bytes, S) {
-        (self.prefix, self.inner)
+    /// Puts `earlier` in front of what is still unread: hyper read those bytes
+    /// (from this stream) before the upgrade, so they come first.
+    pub(crate) fn with_more_in_front(self, earlier: Bytes) -> Prefixed<S> {
+        let (rest, inner) = (self.prefix, self.inner);
+        let prefix = match (earlier.is_empty(), rest.is_empty()) {
+            (_, true) => earlier,
+            (true, false) => rest,
+            (false, false) => {
+                let mut joined = bytes::BytesMut::with_capacity(earlier.len() + rest.len());
+                joined.extend_from_slice(&earlier);
+                joined.extend_from_slice(&rest);
+                joined.freeze()
+            }
+        };
+        Prefixed::new(prefix, inner)
     }
 }
 

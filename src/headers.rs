@@ -37,10 +37,10 @@ pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub(crate) const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 /// Headers that describe one connection, never the message (RFC 9110 §7.6.1),
@@ -64,27 +64,27 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// upgrade itself is end-to-end in effect, so `Upgrade` is kept and
 /// `Connection: Upgrade` put back.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, websocket_upgrade: bool) {
-    if headers.contains_key(CONNECTION) {
-        let named: Vec<HeaderName> = list_tokens(headers, &CONNECTION)
-            .filter(|token| {
-                !token.eq_ignore_ascii_case("upgrade") && !token.eq_ignore_ascii_case("keep-alive")
-            })
-            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
+    let named: Vec<HeaderName> = list_tokens(headers, &CONNECTION)
+        .filter(|token| {
+            !token.eq_ignore_ascii_case("upgrade") && !token.eq_ignore_ascii_case("keep-alive")
+        })
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
     }
     // Looked for in one pass over the (few) fields present, rather than a
     // hash lookup per name: most requests carry one or two of them.
-    let present = headers.keys().fold(0u16, |found, name| {
+    let present = headers.keys().fold(0u8, |found, name| {
         HOP_BY_HOP
             .iter()
             .position(|hop| hop == name)
             .map_or(found, |index| found | 1 << index)
     });
     for (index, name) in HOP_BY_HOP.iter().enumerate() {
-        if present & 1 << index != 0 {
+        // An upgrade's `Connection` is replaced below, not removed first.
+        let replaced = websocket_upgrade && *name == CONNECTION;
+        if present & 1 << index != 0 && !replaced {
             headers.remove(name);
         }
     }

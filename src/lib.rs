@@ -15,7 +15,7 @@
 //!   parses it; a WebSocket upgrade there goes to [`upgrade`], anything else
 //!   to hyper.
 //! - [`proxy`]: the per-request pipeline (admission) and hyper's entry
-//!   point; the one place a refusal is logged and counted.
+//!   point; where a refused request is logged and counted.
 //! - [`router`]: host + longest path prefix → route.
 //! - [`policy`]: IP, handshake shape, origin and subprotocol checks.
 //! - [`headers`]: hop-by-hop stripping and forwarding headers.

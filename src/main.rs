@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
-use wsgate::config::ConfigErrors;
 use wsgate::{Config, Proxy};
 
 /// mimalloc hands freed pages back to the OS: handshakes allocate and free a
@@ -74,15 +73,19 @@ fn main() -> ExitCode {
         config: PathBuf::from("proxy.toml"),
     }));
     // `run` loads its config before the runtime exists: `[server]
-    // worker_threads` decides which runtime to build. A config that does not
-    // load gets the default runtime and reports its problems from `serve`.
-    let loaded = match &command {
-        Command::Run(args) => Some(Config::load(&args.config)),
+    // worker_threads` decides which runtime to build.
+    let config = match &command {
+        Command::Run(args) => match Config::load(&args.config) {
+            Ok(config) => Some(config),
+            Err(errors) => {
+                eprintln!("wsgate: {errors}");
+                return ExitCode::FAILURE;
+            }
+        },
         _ => None,
     };
-    let threads = loaded
+    let threads = config
         .as_ref()
-        .and_then(|result| result.as_ref().ok())
         .and_then(|config| config.server.worker_threads);
     let runtime = match build_runtime(threads) {
         Ok(runtime) => runtime,
@@ -93,12 +96,12 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match command {
-            Command::Run(args) => {
-                let config = loaded.unwrap_or_else(|| Config::load(&args.config));
-                serve(&args.config, config)
+            Command::Run(args) => match config {
+                Some(config) => serve(&args.config, config)
                     .await
-                    .map(|()| ExitCode::SUCCESS)
-            }
+                    .map(|()| ExitCode::SUCCESS),
+                None => unreachable!("`run` loaded its config above"),
+            },
             Command::Check(args) => Ok(check(&args.config)),
             Command::Demo => wsgate::demo::run().await.map(|passed| {
                 if passed {
@@ -154,8 +157,7 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
-async fn serve(path: &Path, config: Result<Config, ConfigErrors>) -> anyhow::Result<()> {
-    let config = config?;
+async fn serve(path: &Path, config: Config) -> anyhow::Result<()> {
     let proxy = Proxy::bind(&config).await?;
     for addr in proxy.local_addrs() {
         tracing::info!(%addr, "listening");

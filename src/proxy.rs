@@ -2,8 +2,10 @@
 //! (upgrade hand-off to [`crate::upgrade`] | streamed plain response).
 //!
 //! [`admit`] is the pipeline every request goes through, whichever way it
-//! came in; [`report_rejection`] is the one place a refusal is logged and
-//! counted. [`handle`] is hyper's entry point.
+//! came in; [`report_rejection`] logs and counts a refused request (a
+//! connection refused before any request, [`crate::server`]'s own, and a
+//! backend's refusal, counted where it is read, are the others). [`handle`] is
+//! hyper's entry point.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -58,7 +60,7 @@ pub struct Connection {
 /// What the log line of a request says about it.
 pub(crate) struct RequestFacts {
     /// Index into the state's routes once one matched.
-    pub(crate) route: Option<usize>,
+    route: Option<usize>,
     pub(crate) client_ip: IpAddr,
     origin: Option<http::HeaderValue>,
     uri: Uri,
@@ -72,9 +74,7 @@ impl RequestFacts {
             None => "-".into(),
         }
     }
-}
 
-impl RequestFacts {
     pub(crate) fn new(parts: &http::request::Parts, conn: &Connection, upgrade: bool) -> Self {
         // Cheap reference-counted clones: only a rejection formats them.
         RequestFacts {
@@ -112,16 +112,20 @@ pub async fn handle(
 }
 
 fn metrics_for<'s>(state: &'s State, facts: &RequestFacts) -> &'s RouteMetrics {
-    facts
-        .route
-        .and_then(|index| state.routes.get(index))
-        .map(|route| &route.metrics)
-        .unwrap_or(&state.unrouted_metrics)
+    route_metrics(state, matched_route(state, facts))
+}
+
+fn matched_route<'s>(state: &'s State, facts: &RequestFacts) -> Option<&'s Route> {
+    facts.route.and_then(|index| state.routes.get(index))
+}
+
+fn route_metrics<'s>(state: &'s State, route: Option<&'s Route>) -> &'s RouteMetrics {
+    route.map_or(&state.unrouted_metrics, |route| &route.metrics)
 }
 
 /// The one log line and the counters of a refused request.
 pub(crate) fn report_rejection(state: &State, facts: &RequestFacts, rejection: &Rejection) {
-    let route = facts.route.and_then(|index| state.routes.get(index));
+    let route = matched_route(state, facts);
     tracing::info!(
         route = route.map(|route| route.config.name.as_str()).unwrap_or("-"),
         client_ip = %facts.client_ip,
@@ -132,7 +136,7 @@ pub(crate) fn report_rejection(state: &State, facts: &RequestFacts, rejection: &
         detail = %rejection.detail(),
         "request rejected"
     );
-    let metrics = metrics_for(state, facts);
+    let metrics = route_metrics(state, route);
     metrics.rejection(rejection.reason());
     if facts.upgrade {
         match rejection {

@@ -342,8 +342,8 @@ impl ConnectionTask {
             .cloned()
             .flatten();
         if self.over_limit {
-            // Rare paths are boxed: inline, they would grow every connection
-            // task, which lives as long as its tunnel.
+            // Rare paths are boxed so they do not enlarge the serving future
+            // that every connection allocates.
             Box::pin(self.refuse_overloaded(acceptor.is_some())).await;
             return None;
         }
@@ -423,7 +423,7 @@ impl ConnectionTask {
         let rejection = Rejection::Overloaded;
         report_unrouted(&self.state, self.peer, &rejection);
         if !tls {
-            wire::write_final_response(&mut self.tcp, &rejection.into_response()).await;
+            wire::write_rejection(&mut self.tcp, rejection).await;
         }
     }
 }
@@ -463,7 +463,7 @@ async fn serve_http(
                 limit: server.max_header_bytes,
             };
             report_unrouted(&connection.state, peer, &rejection);
-            wire::write_final_response(&mut io, &rejection.into_response()).await;
+            wire::write_rejection(&mut io, rejection).await;
             return None;
         }
         FirstHead::TimedOut => {
@@ -472,17 +472,17 @@ async fn serve_http(
         }
         FirstHead::Closed => return None,
     };
-    let connection = Arc::new(connection);
     if let Some(upgrade) = wire::parse_upgrade_request(&first_head) {
         let rest = first_head.slice(upgrade.head_len..);
         drop(first_head);
         return crate::upgrade::serve_direct(io, upgrade, rest, connection).await;
     }
-    // Boxed: hyper's connection future is several KiB, and a WebSocket
-    // served directly keeps this task alive for the tunnel's whole life.
+    // Boxed: hyper's connection future is several KiB, and inline it would
+    // enlarge the serving future of every connection, upgrades included.
+    // Only hyper's service shares the connection, so only it gets an `Arc`.
     Box::pin(serve_with_hyper(
         Prefixed::new(first_head, io),
-        connection,
+        Arc::new(connection),
         stop_accepting,
     ))
     .await;

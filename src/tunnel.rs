@@ -293,23 +293,38 @@ pub trait HoldForFin: AsyncWrite {
     }
 }
 
-/// [`HoldForFin::poll_write_held`] for a TCP socket: `MSG_MORE` keeps the
-/// bytes queued (despite `TCP_NODELAY`) until the shutdown pushes them out
-/// with the FIN.
-pub fn tcp_write_held(
-    tcp: &mut tokio::net::TcpStream,
-    cx: &mut Context<'_>,
-    buf: &[u8],
-) -> Poll<io::Result<usize>> {
-    let socket: &tokio::net::TcpStream = tcp;
-    let held = socket.try_io(tokio::io::Interest::WRITABLE, || {
-        socket2::SockRef::from(socket).send_with_flags(buf, libc::MSG_MORE | libc::MSG_NOSIGNAL)
-    });
-    match held {
-        Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-            Pin::new(tcp).poll_write(cx, buf)
+/// `MSG_MORE` keeps the bytes queued (despite `TCP_NODELAY`) until the
+/// shutdown pushes them out with the FIN.
+impl HoldForFin for tokio::net::TcpStream {
+    fn poll_write_held(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let tcp = self.get_mut();
+        let socket: &tokio::net::TcpStream = tcp;
+        let held = socket.try_io(tokio::io::Interest::WRITABLE, || {
+            socket2::SockRef::from(socket).send_with_flags(buf, libc::MSG_MORE | libc::MSG_NOSIGNAL)
+        });
+        match held {
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                Pin::new(tcp).poll_write(cx, buf)
+            }
+            done => Poll::Ready(done),
         }
-        done => Poll::Ready(done),
+    }
+}
+
+// A TLS session writes its close_notify between the bytes and the FIN anyway.
+impl<S: AsyncRead + AsyncWrite + Unpin> HoldForFin for tokio_rustls::server::TlsStream<S> {}
+impl<S: AsyncRead + AsyncWrite + Unpin> HoldForFin for tokio_rustls::client::TlsStream<S> {}
+impl<T: HoldForFin + Unpin + ?Sized> HoldForFin for Box<T> {
+    fn poll_write_held(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut **self.get_mut()).poll_write_held(cx, buf)
     }
 }
 

@@ -30,7 +30,7 @@ use crate::upstream::UpstreamStream;
 use crate::wire::{self, AnswerError, AnswerHead, SwitchHead, UpgradeRequest};
 
 /// The backend's answer to a forwarded upgrade.
-pub enum Answer {
+pub(crate) enum Answer {
     Switched(Switched),
     /// The backend's own refusal (already counted), hop-by-hop headers
     /// stripped, body whole.
@@ -38,7 +38,7 @@ pub enum Answer {
 }
 
 /// A valid 101 and the connection it came on.
-pub struct Switched {
+pub(crate) struct Switched {
     pub head: SwitchHead,
     /// Bytes the backend sent right behind its 101.
     pub early: Bytes,
@@ -48,7 +48,7 @@ pub struct Switched {
 /// Sends the admitted request to the route's upstream and reads its answer,
 /// within `handshake_timeout` after the connect. The answer is counted here:
 /// a switch with the handshake's duration since `started`, a refusal as such.
-pub async fn exchange(
+pub(crate) async fn exchange(
     parts: &http::request::Parts,
     route: &Route,
     started: Instant,
@@ -126,21 +126,20 @@ pub async fn exchange(
 
 /// A WebSocket the proxy has switched: what its tunnel needs, and nothing
 /// of the handshake that made it.
-pub struct Tunnel {
+pub(crate) struct Tunnel {
     client: Prefixed<ClientConn>,
     upstream: UpstreamIo,
-    conn: Arc<Connection>,
+    conn: Connection,
     route: usize,
     client_ip: IpAddr,
 }
 
 impl Tunnel {
     pub async fn run(mut self) {
-        let route = &self.conn.state.routes[self.route];
         run_tunnel(
             &mut self.client,
             &mut self.upstream,
-            route,
+            self.route,
             &self.conn,
             self.client_ip,
         )
@@ -152,11 +151,11 @@ impl Tunnel {
 /// switch: admission, the exchange with the backend, the 101 to the client.
 /// `rest` is whatever the client sent behind the head. Refusals close the
 /// connection, as browsers do after a failed WebSocket handshake anyway.
-pub async fn serve_direct(
+pub(crate) async fn serve_direct(
     mut io: ClientConn,
     request: UpgradeRequest,
     rest: Bytes,
-    conn: Arc<Connection>,
+    conn: Connection,
 ) -> Option<Tunnel> {
     let started = Instant::now();
     let mut parts = request.parts;
@@ -175,7 +174,7 @@ pub async fn serve_direct(
         }
         Err(rejection) => {
             proxy::report_rejection(&conn.state, &facts, &rejection);
-            wire::write_final_response(&mut io, &rejection.into_response()).await;
+            wire::write_rejection(&mut io, rejection).await;
             return None;
         }
     };
@@ -236,8 +235,7 @@ pub(crate) async fn through_hyper(
             }
         };
         let mut upstream = Prefixed::new(early, stream);
-        let route = &conn.state.routes[route_index];
-        run_tunnel(&mut client, &mut upstream, route, &conn, client_ip).await;
+        run_tunnel(&mut client, &mut upstream, route_index, &conn, client_ip).await;
     });
     head.into_response(proxy::empty())
         .map_err(|error| Rejection::UpstreamProtocol {
@@ -248,10 +246,11 @@ pub(crate) async fn through_hyper(
 async fn run_tunnel(
     client: &mut Prefixed<ClientConn>,
     upstream: &mut UpstreamIo,
-    route: &Route,
+    route_index: usize,
     conn: &Connection,
     client_ip: IpAddr,
 ) {
+    let route = &conn.state.routes[route_index];
     let metrics = &route.metrics;
     metrics.tunnels_active.inc();
     let outcome = tunnel::splice(

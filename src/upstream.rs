@@ -371,10 +371,6 @@ impl crate::tunnel::HoldForFin for UpstreamStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().io {
-            StreamKind::Plain(tcp) => crate::tunnel::tcp_write_held(tcp, cx, buf),
-            // The session's close_notify is written between the two anyway.
-            StreamKind::Tls(tls) => Pin::new(tls).poll_write(cx, buf),
-        }
+        crate::tunnel::HoldForFin::poll_write_held(Pin::new(&mut self.get_mut().io), cx, buf)
     }
 }

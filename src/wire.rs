@@ -13,6 +13,7 @@ use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Uri, Version};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::error::Rejection;
 use crate::headers;
 
 /// More fields than this in one head is left to hyper (request) or refused
@@ -26,7 +27,7 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 const MAX_REFUSAL_BODY: usize = 64 * 1024;
 
 /// A client's WebSocket upgrade request, parsed off the wire.
-pub struct UpgradeRequest {
+pub(crate) struct UpgradeRequest {
     pub parts: http::request::Parts,
     /// Length of the head in the buffer it was parsed from.
     pub head_len: usize,
@@ -35,7 +36,7 @@ pub struct UpgradeRequest {
 /// Parses the start of `buffer` when it is a request the upgrade path serves
 /// on its own: a complete HTTP/1.1 GET asking for a WebSocket upgrade, with no
 /// body. Anything else, including anything malformed, gives `None`.
-pub fn parse_upgrade_request(buffer: &Bytes) -> Option<UpgradeRequest> {
+pub(crate) fn parse_upgrade_request(buffer: &Bytes) -> Option<UpgradeRequest> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut fields);
     let head_len = match request.parse(buffer) {
@@ -96,7 +97,7 @@ fn has_body(headers: &HeaderMap) -> bool {
 }
 
 /// Writes the head of `parts` as an HTTP/1.1 request in origin form.
-pub fn encode_request_head(parts: &http::request::Parts, out: &mut Vec<u8>) {
+pub(crate) fn encode_request_head(parts: &http::request::Parts, out: &mut Vec<u8>) {
     let target = parts
         .uri
         .path_and_query()
@@ -125,7 +126,10 @@ fn encode_fields<'h>(
 
 /// Writes a response that ends the connection, then closes it; a client that
 /// stops reading gets two seconds.
-pub async fn write_final_response<IO: AsyncWrite + Unpin>(io: &mut IO, response: &Response<Bytes>) {
+pub(crate) async fn write_final_response<IO: AsyncWrite + Unpin>(
+    io: &mut IO,
+    response: &Response<Bytes>,
+) {
     let mut bytes = Vec::with_capacity(256 + response.body().len());
     encode_final_response(response, &mut bytes);
     let write = async {
@@ -133,6 +137,11 @@ pub async fn write_final_response<IO: AsyncWrite + Unpin>(io: &mut IO, response:
         io.shutdown().await
     };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), write).await;
+}
+
+/// [`write_final_response`] for one of our own refusals.
+pub(crate) async fn write_rejection<IO: AsyncWrite + Unpin>(io: &mut IO, rejection: Rejection) {
+    write_final_response(io, &rejection.into_response()).await;
 }
 
 /// A complete response that ends the connection: status line, headers, an
@@ -162,7 +171,7 @@ fn encode_final_response(response: &Response<Bytes>, out: &mut Vec<u8>) {
 
 /// An upstream's answer head.
 #[derive(Debug)]
-pub enum AnswerHead {
+pub(crate) enum AnswerHead {
     Switch(SwitchHead),
     Final(ResponseHead),
 }
@@ -170,7 +179,7 @@ pub enum AnswerHead {
 /// A 101: checked on the two facts below, then sent on as it came, so no
 /// header map is built for it.
 #[derive(Debug)]
-pub struct SwitchHead {
+pub(crate) struct SwitchHead {
     /// The head exactly as it arrived, status line to blank line.
     pub raw: Bytes,
     /// An `Upgrade` field names the `websocket` token.
@@ -196,7 +205,7 @@ impl SwitchHead {
 
 /// A final answer other than a 101: a refusal, relayed with its body.
 #[derive(Debug)]
-pub struct ResponseHead {
+pub(crate) struct ResponseHead {
     pub status: StatusCode,
     pub headers: HeaderMap,
 }
@@ -213,7 +222,7 @@ impl ResponseHead {
 
 /// Why an upstream's answer could not be read.
 #[derive(Debug, thiserror::Error)]
-pub enum AnswerError {
+pub(crate) enum AnswerError {
     #[error("the connection failed: {0}")]
     Io(#[from] std::io::Error),
     #[error("the connection closed before a complete answer")]
@@ -227,7 +236,7 @@ pub enum AnswerError {
 /// Reads the next final (non-1xx, or 101) answer head from `stream`. Bytes
 /// read past the head stay in `buffer`: they are the start of the body, or
 /// of the backend's first WebSocket frames after a 101.
-pub async fn read_response_head<S: AsyncRead + Unpin>(
+pub(crate) async fn read_response_head<S: AsyncRead + Unpin>(
     stream: &mut S,
     buffer: &mut BytesMut,
 ) -> Result<AnswerHead, AnswerError> {
@@ -331,11 +340,9 @@ enum Framing {
 }
 
 fn framing(head: &ResponseHead) -> Result<Framing, AnswerError> {
+    // A `Final` head is never 1xx: interim answers are skipped, 101 is a `Switch`.
     let status = head.status;
-    if status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
+    if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok(Framing::Empty);
     }
     if head.headers.contains_key(TRANSFER_ENCODING) {
@@ -363,7 +370,7 @@ fn framing(head: &ResponseHead) -> Result<Framing, AnswerError> {
 
 /// Reads the body that follows `head` (its first bytes already in
 /// `buffer`), decoded, at most [`MAX_REFUSAL_BODY`] bytes.
-pub async fn read_body<S: AsyncRead + Unpin>(
+pub(crate) async fn read_body<S: AsyncRead + Unpin>(
     stream: &mut S,
     head: &ResponseHead,
     mut buffer: BytesMut,

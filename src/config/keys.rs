@@ -69,7 +69,12 @@ pub fn line_of(text: &str, steps: &[Step]) -> Option<usize> {
             _ => return None,
         }
     }
-    offset.map(|at| text[..at.min(text.len())].matches('\n').count() + 1)
+    offset.map(|at| line_at(text, at))
+}
+
+/// 1-based line of byte `offset` in `text`.
+pub fn line_at(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
 #[cfg(test)]

@@ -301,9 +301,7 @@ fn parse_raw(text: &str) -> Result<(raw::RawConfig, Vec<Problem>), Vec<Problem>>
 }
 
 fn toml_problem(text: &str, key: String, error: &toml::de::Error) -> Problem {
-    let line = error
-        .span()
-        .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+    let line = error.span().map(|span| keys::line_at(text, span.start));
     Problem {
         key,
         line,

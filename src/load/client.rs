@@ -11,7 +11,7 @@ use anyhow::{Context as _, bail};
 use http::{HeaderMap, Uri};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
@@ -220,23 +220,21 @@ fn classify_ws(error: &WsError) -> Failure {
 }
 
 fn tls_config(insecure: bool, resume: bool) -> anyhow::Result<Arc<ClientConfig>> {
-    let provider = Arc::new(crate::tls::provider());
-    let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .context("building the TLS client configuration")?;
     let mut config = if insecure {
-        builder
+        let provider = Arc::new(crate::tls::provider());
+        let mut config = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .context("building the TLS client configuration")?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
-            .with_no_client_auth()
+            .with_no_client_auth();
+        // A WebSocket upgrade only exists in HTTP/1.1; say so, as browsers do.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config
     } else {
-        let roots = RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
-        builder.with_root_certificates(roots).with_no_client_auth()
+        // What the proxy itself uses towards a TLS backend.
+        Arc::unwrap_or_clone(crate::tls::upstream_client_config(&[]).map_err(anyhow::Error::msg)?)
     };
-    // A WebSocket upgrade only exists in HTTP/1.1; say so, as browsers do.
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     if !resume {
         // Every handshake a full one: what a fleet of new clients costs a server.
         config.resumption = rustls::client::Resumption::disabled();

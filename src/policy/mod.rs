@@ -166,7 +166,7 @@ pub fn check_subprotocols(
 /// RFC 6455 §4.1: the client fails the connection if the server selects a
 /// subprotocol it did not offer, so such a 101 is not passed on.
 pub fn check_selected_subprotocol(
-    forwarded_offer: &HeaderMap,
+    request: &HeaderMap,
     selected: &[bytes::Bytes],
 ) -> Result<(), Rejection> {
     let choice = match selected {
@@ -179,7 +179,7 @@ pub fn check_selected_subprotocol(
         }
     };
     let choice = std::str::from_utf8(choice).unwrap_or_default().trim();
-    if list_tokens(forwarded_offer, &SEC_WEBSOCKET_PROTOCOL).any(|offered| offered == choice) {
+    if list_tokens(request, &SEC_WEBSOCKET_PROTOCOL).any(|offered| offered == choice) {
         Ok(())
     } else {
         Err(Rejection::UpstreamProtocol {

@@ -983,3 +983,20 @@ pub fn cert_der(pem: &str) -> Vec<u8> {
         .unwrap()
         .to_vec()
 }
+
+/// Reads the rest of a tungstenite stream so its close handshake completes,
+/// then drops it so our side of the TCP connection closes too.
+pub async fn drain_ws<S>(mut ws: Ws<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    within("the websocket to end", async {
+        for _ in 0..100 {
+            match ws.next().await {
+                Some(Ok(_)) => {}
+                _ => break,
+            }
+        }
+    })
+    .await;
+}

@@ -188,11 +188,10 @@ async fn health_and_readiness_answer_200() {
 
 #[tokio::test]
 async fn readiness_answers_503_while_draining_and_open_tunnels_are_cut_at_drain_timeout() {
-    use futures_util::StreamExt;
     let backend = spawn_ws_echo().await;
     let proxy = start_proxy(&admin_config(backend.addr, "drain_timeout = \"1s\"")).await;
     let admin = proxy.admin.unwrap();
-    let (mut tunnel, _) = ws_connect(proxy.addr(), "/", &[]).await.unwrap();
+    let (tunnel, _) = ws_connect(proxy.addr(), "/", &[]).await.unwrap();
     let started = std::time::Instant::now();
     let stopped = proxy.begin_shutdown();
     // The open tunnel keeps the drain going, and meanwhile a load balancer
@@ -201,12 +200,7 @@ async fn readiness_answers_503_while_draining_and_open_tunnels_are_cut_at_drain_
         admin_get(admin, "/readyz").await == (503, "draining\n".to_owned())
     })
     .await;
-    loop {
-        match within("the tunnel to be cut", tunnel.next()).await {
-            None | Some(Err(_)) => break,
-            Some(Ok(_)) => continue,
-        }
-    }
+    drain_ws(tunnel).await;
     assert!(
         started.elapsed() >= std::time::Duration::from_millis(900),
         "cut after {:?}",

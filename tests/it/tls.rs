@@ -252,16 +252,17 @@ async fn plaintext_and_tls_listeners_serve_side_by_side_and_survive_garbage() {
 #[tokio::test]
 async fn server_picks_aes128_gcm_sha256_even_when_the_client_prefers_aes256() {
     use rustls::crypto::ring::cipher_suite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384};
-    use rustls_pki_types::pem::PemObject;
     let f = fixture().await;
     let provider = rustls::crypto::CryptoProvider {
         cipher_suites: vec![TLS13_AES_256_GCM_SHA384, TLS13_AES_128_GCM_SHA256],
         ..rustls::crypto::ring::default_provider()
     };
     let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(f.a.cert_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
+    roots
+        .add(rustls_pki_types::CertificateDer::from(cert_der(
+            &f.a.cert_pem,
+        )))
+        .unwrap();
     let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()

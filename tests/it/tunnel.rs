@@ -34,23 +34,6 @@ fn config(backend: SocketAddr, route_extra: &str) -> String {
     )
 }
 
-/// Reads the rest of a tungstenite stream so its close handshake completes,
-/// then drops it so our side of the TCP connection closes too.
-async fn drain_ws<S>(mut ws: Ws<S>)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    within("the websocket to end", async {
-        for _ in 0..100 {
-            match ws.next().await {
-                Some(Ok(_)) => {}
-                _ => break,
-            }
-        }
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_mib_binary_message_is_echoed_intact() {
     let backend = spawn_ws_echo().await;

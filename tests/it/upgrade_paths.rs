@@ -10,6 +10,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::common::*;
 
 fn config(backend: SocketAddr) -> String {
+    config_for_servers(&format!("\"{backend}\""))
+}
+
+/// `servers` is the TOML list's contents.
+fn config_for_servers(servers: &str) -> String {
     format!(
         r#"
         [[listener]]
@@ -17,7 +22,7 @@ fn config(backend: SocketAddr) -> String {
         [server]
         drain_timeout = "1s"
         [upstream.backend]
-        servers = ["{backend}"]
+        servers = [{servers}]
         [[route]]
         path = "/"
         upstream = "backend"
@@ -233,21 +238,7 @@ async fn upgrade_with_bare_lf_line_endings_is_served() {
 async fn a_refusing_server_is_skipped_for_the_next() {
     let (backend, mut seen) = spawn_plain_or_echo_backend().await;
     let (_dead_socket, dead) = refusing_port();
-    let proxy = start_proxy(&format!(
-        r#"
-        [[listener]]
-        addr = "127.0.0.1:0"
-        [server]
-        drain_timeout = "1s"
-        [upstream.backend]
-        servers = ["{dead}", "{backend}"]
-        [[route]]
-        path = "/"
-        upstream = "backend"
-        missing_origin = "allow"
-        "#
-    ))
-    .await;
+    let proxy = start_proxy(&config_for_servers(&format!("\"{dead}\", \"{backend}\""))).await;
     // Round robin starts on each server in turn: two upgrades meet the dead one once.
     for attempt in 0..2 {
         let (head, _, mut stream) =

@@ -16,11 +16,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::error::Rejection;
+use crate::headers::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REAL_IP};
 
 const X_FORWARDED_METHOD: HeaderName = HeaderName::from_static("x-forwarded-method");
 const X_FORWARDED_URI: HeaderName = HeaderName::from_static("x-forwarded-uri");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// The request headers the auth service sees, every value of each. The
 /// forwarding ones are the proxy's own by the time the check runs (the head is
@@ -31,8 +30,8 @@ const PASSED_ON: [HeaderName; 7] = [
     AUTHORIZATION,
     X_FORWARDED_HOST,
     X_FORWARDED_PROTO,
-    HeaderName::from_static("x-forwarded-for"),
-    HeaderName::from_static("x-real-ip"),
+    X_FORWARDED_FOR,
+    X_REAL_IP,
 ];
 
 /// A relayed 401/403 body is cut here: it goes to the client, and an auth
@@ -160,11 +159,7 @@ impl ForwardAuth {
         if let Ok(target) = HeaderValue::from_str(target) {
             headers.insert(X_FORWARDED_URI, target);
         }
-        for name in PASSED_ON {
-            for value in parts.headers.get_all(&name) {
-                headers.append(name.clone(), value.clone());
-            }
-        }
+        headers.extend(every_value(&parts.headers, &PASSED_ON));
         request
     }
 }
