@@ -448,6 +448,146 @@ async fn contradictory_modes_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_rate_caps_echoes_on_connections_that_stay_open() {
+    let addr = spawn_echo().await;
+    let url = format!("ws://{addr}/");
+    let report = run(&[
+        "--url",
+        &url,
+        "--mode",
+        "echo",
+        "--connections",
+        "4",
+        "--message-rate",
+        "200",
+        "--messages",
+        "1000000000",
+        "--duration",
+        "1s",
+    ])
+    .await;
+    // 200/s for 1 s; each connection may be one slot and one in-flight echo
+    // off at the edges.
+    let m = &report.messages;
+    assert!((50..=200 + 4 + 1).contains(&m.received), "{report}");
+    assert_eq!(m.received, m.sent, "{report}");
+    assert_eq!(report.errors.total(), 0, "{report}");
+    let h = &report.handshakes;
+    assert_eq!((h.attempted, h.succeeded, h.failed), (4, 4, 0), "{report}");
+    let rtt = report.echo_rtt_ms.as_ref().expect("rtt samples");
+    assert_eq!(rtt.count, m.received, "{report}");
+    assert!(report.passed(), "{report}");
+    assert_eq!(report.message_rate, Some(200.0));
+    let json = serde_json::to_value(&report).expect("json");
+    assert_eq!(json["message_rate"], 200.0);
+    assert!(
+        report.to_string().contains("message rate 200/s"),
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_rate_holds_across_reconnects() {
+    let addr = spawn_echo().await;
+    let url = format!("ws://{addr}/");
+    let report = run(&[
+        "--url",
+        &url,
+        "--connections",
+        "4",
+        "--message-rate",
+        "200",
+        "--messages",
+        "5",
+        "--duration",
+        "500ms",
+    ])
+    .await;
+    let m = &report.messages;
+    assert!((25..=100 + 4 + 1).contains(&m.received), "{report}");
+    assert_eq!(m.received, m.sent, "{report}");
+    // Each connection reconnects once its 5 messages are used up.
+    assert!(report.handshakes.succeeded > 4, "{report}");
+    assert!(report.passed(), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paced_round_trip_counts_from_the_slot_a_slow_echo_held_back() {
+    const ECHO_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
+    let addr = spawn_ws(|mut ws| async move {
+        while let Some(Ok(Message::Binary(data))) = ws.next().await {
+            tokio::time::sleep(ECHO_DELAY).await;
+            if ws.send(Message::Binary(data)).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let url = format!("ws://{addr}/");
+    // One slot every 20 ms, one message in flight, each echo takes 50 ms: every
+    // send waits for the window, past its slot and the next. Timed from the
+    // actual send a round trip would be ~50 ms; from when the sender woke for
+    // the slot ~100 ms (the window counted, the missed slot not); from the
+    // scheduled slot 130-150 ms.
+    let report = run(&[
+        "--url",
+        &url,
+        "--message-rate",
+        "50",
+        "--messages",
+        "1000000000",
+        "--duration",
+        "800ms",
+    ])
+    .await;
+    let rtt = report.echo_rtt_ms.as_ref().expect("rtt samples");
+    assert!(rtt.p50 >= 115.0, "{report}");
+    assert!(report.messages.received <= 40 + 1, "{report}");
+    assert_eq!(report.errors.total(), 0, "{report}");
+}
+
+#[tokio::test]
+async fn message_rate_is_refused_without_echo_messages() {
+    let refused = [
+        &["--mode", "hold", "--messages", "3"][..],
+        &["--mode", "handshake"],
+        &["--mode", "echo", "--messages", "0"],
+        &["--messages", "0"],
+    ];
+    for flags in refused {
+        let all = [
+            &["--url", "ws://127.0.0.1:9/", "--message-rate", "100"][..],
+            flags,
+        ]
+        .concat();
+        let error = match execute(&args(&all)).await {
+            Ok(report) => panic!("{flags:?} ran: {report}"),
+            Err(error) => format!("{error:#}"),
+        };
+        assert!(error.contains("--message-rate"), "{flags:?}: {error}");
+    }
+    let parse = |rate: &str| {
+        LoadArgs::try_parse_from(["x", "--url", "ws://localhost/", "--message-rate", rate])
+    };
+    for bad in ["0", "-5", "NaN", "inf", "fast"] {
+        assert!(parse(bad).is_err(), "--message-rate {bad} accepted");
+    }
+    assert_eq!(parse("0.5").expect("valid").message_rate, Some(0.5));
+}
+
+#[test]
+fn the_binary_exits_with_an_error_naming_message_rate() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args(["load", "--url", "ws://127.0.0.1:9/", "--mode", "hold"])
+        .args(["--message-rate", "100"])
+        .output()
+        .expect("run wsgate");
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--message-rate"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_tls_resume_makes_every_handshake_a_full_one() {
     let (front, resumed) = spawn_counting_tls_front(spawn_echo().await).await;
     let url = format!("wss://localhost:{}/", front.port());

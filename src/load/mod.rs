@@ -1,16 +1,19 @@
 //! `wsgate load`: a load tester for WebSocket upgrade passthrough.
 //!
 //! `--connections` workers each run one [`Mode`] until `--duration` ends:
-//! hold a connection idle, echo messages and reconnect, or upgrade and close
-//! as fast as allowed. Every echo is compared with what was sent, so a tunnel
-//! that corrupts, drops or cross-wires data shows up as an error, not as speed.
+//! hold a connection idle, echo messages (back to back, or on a timetable
+//! with `--message-rate`) and reconnect, or upgrade and close as fast as
+//! allowed. Every echo is compared with what was sent, so a tunnel that
+//! corrupts, drops or cross-wires data shows up as an error, not as speed.
 //!
 //! Layout: this file parses flags and runs the workers; `client` connects,
-//! speaks TLS and upgrades; `session` is what a worker does per mode;
-//! `stats` counts while running; `report` is the result and its printing;
-//! `progress` is the live line on a terminal.
+//! speaks TLS and upgrades; `session` is what a worker does per mode; `pace`
+//! decides when handshakes and paced sends may start; `stats` counts while
+//! running; `report` is the result and its printing; `progress` is the live
+//! line on a terminal.
 
 mod client;
+mod pace;
 mod progress;
 mod report;
 mod session;
@@ -33,7 +36,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 pub use report::{Failures, Handshakes, Latency, LoadReport, SessionErrors, Traffic};
 
 use client::Target;
-use session::{Pacer, Plan};
+use pace::{MessageRate, Pacer};
+use session::Plan;
 
 /// Work in progress at the end of `--duration` (echoes in flight, closing
 /// handshakes, half-done upgrades) gets this long to finish before it is cut.
@@ -70,6 +74,17 @@ pub struct LoadArgs {
     /// Echo messages per connection; 0 = send none (hold or handshake only).
     #[arg(long, default_value_t = 0)]
     pub messages: u64,
+
+    /// Echo messages per second across all connections, open loop (echo and bulk modes).
+    ///
+    /// Each connection sends on a fixed timetable at its share, the
+    /// connections' timetables staggered so sends are spread evenly; a send
+    /// waits only while --in-flight messages are outstanding. Round-trip
+    /// latency is measured from each message's scheduled send time, so a
+    /// stalled tunnel is charged for the sends it held back; a send that was
+    /// merely woken late by the load tool's own timer is timed from its wake-up.
+    #[arg(long, value_parser = parse_message_rate)]
+    pub message_rate: Option<f64>,
 
     /// Messages outstanding at once per connection.
     #[arg(long, default_value_t = 1, value_parser = parse_positive)]
@@ -154,6 +169,18 @@ pub async fn execute(args: &LoadArgs) -> anyhow::Result<LoadReport> {
         None if args.messages == 0 => Mode::Hold,
         None => Mode::Echo,
     };
+    // Checked first: with --messages 0 the mode errors below would blame the
+    // mode rather than the flag that asked for messages.
+    if args.message_rate.is_some() {
+        if args.messages == 0 {
+            bail!("--message-rate paces echo messages; it needs --messages greater than 0");
+        }
+        if !matches!(mode, Mode::Echo | Mode::Bulk) {
+            bail!(
+                "--message-rate paces echo messages; it works with --mode echo or bulk, not {mode}"
+            );
+        }
+    }
     match mode {
         Mode::Echo | Mode::Bulk if args.messages == 0 => {
             bail!("--mode {mode} needs --messages greater than 0")
@@ -202,6 +229,10 @@ pub async fn execute(args: &LoadArgs) -> anyhow::Result<LoadReport> {
         deadline,
         hard_end: deadline + DRAIN_GRACE,
         pacer: args.rate.map(|rate| Pacer::new(start, rate)),
+        message_rate: args
+            .message_rate
+            .map(|rate| MessageRate::new(start, rate, args.connections))
+            .transpose()?,
         stats: stats::Stats::new()?,
     });
     let progress = progress::spawn(plan.clone(), start, args.duration);
@@ -222,9 +253,13 @@ pub async fn execute(args: &LoadArgs) -> anyhow::Result<LoadReport> {
     if panicked {
         bail!("a load worker panicked; the counts would be incomplete");
     }
-    Ok(plan
-        .stats
-        .report(args.url.to_string(), mode, args.connections, elapsed))
+    Ok(plan.stats.report(
+        args.url.to_string(),
+        mode,
+        args.connections,
+        args.message_rate,
+        elapsed,
+    ))
 }
 
 /// Small read buffers when connections mostly sit idle (hold may open
@@ -313,9 +348,19 @@ fn parse_positive(text: &str) -> Result<usize, String> {
 }
 
 fn parse_rate(text: &str) -> Result<f64, String> {
+    parse_per_second(text, "handshakes")
+}
+
+fn parse_message_rate(text: &str) -> Result<f64, String> {
+    parse_per_second(text, "messages")
+}
+
+fn parse_per_second(text: &str, what: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
-        _ => Err("must be a number of handshakes per second greater than 0".to_owned()),
+        _ => Err(format!(
+            "must be a number of {what} per second greater than 0"
+        )),
     }
 }
 

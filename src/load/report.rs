@@ -15,6 +15,9 @@ pub struct LoadReport {
     pub url: String,
     pub mode: Mode,
     pub connections: usize,
+    /// `--message-rate`: echo messages per second offered across all
+    /// connections; `null` when messages went back to back.
+    pub message_rate: Option<f64>,
     /// Wall time from the first connect to the last worker finishing.
     pub elapsed_secs: f64,
     pub handshakes: Handshakes,
@@ -147,11 +150,15 @@ impl fmt::Display for LoadReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let h = &self.handshakes;
         let m = &self.messages;
-        writeln!(
+        write!(
             f,
-            "wsgate load {}  mode {}  connections {}  elapsed {:.2}s",
-            self.url, self.mode, self.connections, self.elapsed_secs
+            "wsgate load {}  mode {}  connections {}",
+            self.url, self.mode, self.connections
         )?;
+        if let Some(rate) = self.message_rate {
+            write!(f, "  message rate {rate}/s")?;
+        }
+        writeln!(f, "  elapsed {:.2}s", self.elapsed_secs)?;
         writeln!(
             f,
             "handshakes      attempted {}  succeeded {}  failed {}  unfinished {}  ({:.1}/s)",

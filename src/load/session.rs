@@ -1,8 +1,8 @@
 //! What each of the `--connections` workers does with its connection, per
-//! mode, and the shared pacing that implements `--rate`.
+//! mode.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,6 +13,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::Mode;
 use super::client::{Attempt, Bounded, Target, Ws, bounded};
+use super::pace::{MessageRate, Pacer, SendTimes};
 use super::stats::{OpenConn, Stats, Tally};
 
 /// Everything the workers share for one run.
@@ -30,6 +31,8 @@ pub(super) struct Plan {
     /// Work still in progress at the deadline gets until here to finish.
     pub(super) hard_end: Instant,
     pub(super) pacer: Option<Pacer>,
+    /// `--message-rate`: echo sends on a timetable instead of back to back.
+    pub(super) message_rate: Option<MessageRate>,
     pub(super) stats: Stats,
 }
 
@@ -47,7 +50,7 @@ impl Plan {
         match self.mode {
             Mode::Hold => {
                 if let Some((ws, _open)) = self.open(source).await {
-                    let ws = match self.exchange(ws, &payload).await {
+                    let ws = match self.exchange(ws, &payload, None).await {
                         Some(ws) => ws,
                         None => return,
                     };
@@ -59,7 +62,11 @@ impl Plan {
                     let Some((ws, _open)) = self.open(source).await else {
                         continue;
                     };
-                    if let Some(ws) = self.exchange(ws, &payload).await {
+                    let send_times = self
+                        .message_rate
+                        .as_ref()
+                        .map(|rate| rate.send_times(index));
+                    if let Some(ws) = self.exchange(ws, &payload, send_times).await {
                         self.close(ws, true).await;
                     }
                 }
@@ -100,8 +107,14 @@ impl Plan {
     }
 
     /// Sends `--messages` copies of `payload` with up to `--in-flight` outstanding,
-    /// checks every echo, and hands the connection back if all went well.
-    async fn exchange(&self, ws: Ws, payload: &Bytes) -> Option<Ws> {
+    /// back to back or at `send_times`, checks every echo, and hands the
+    /// connection back if all went well.
+    async fn exchange(
+        &self,
+        ws: Ws,
+        payload: &Bytes,
+        mut send_times: Option<SendTimes>,
+    ) -> Option<Ws> {
         if self.messages == 0 {
             return Some(ws);
         }
@@ -117,6 +130,19 @@ impl Plan {
             // client's would; the socket is flushed only before waiting.
             let mut unflushed = false;
             for _ in 0..self.messages {
+                let timed_from = match &mut send_times {
+                    Some(send_times) => {
+                        if unflushed {
+                            self.finish_send(sink.flush()).await?;
+                            unflushed = false;
+                        }
+                        match send_times.next(self.deadline).await {
+                            Some(timed_from) => Some(timed_from),
+                            None => break,
+                        }
+                    }
+                    None => None,
+                };
                 match window.try_acquire() {
                     Ok(permit) => permit.forget(),
                     Err(TryAcquireError::Closed) => break,
@@ -138,7 +164,7 @@ impl Plan {
                     break;
                 }
                 // Queued before the message goes out, so the receiver always finds it.
-                let _ = sent_at_tx.send(Instant::now());
+                let _ = sent_at_tx.send(timed_from.unwrap_or_else(Instant::now));
                 self.finish_send(sink.feed(Message::Binary(payload.clone())))
                     .await?;
                 unflushed = true;
@@ -254,37 +280,4 @@ fn payload(size: usize, worker: u64) -> Bytes {
             None => (i as u8).wrapping_mul(31) ^ tag[i % tag.len()],
         })
         .collect()
-}
-
-/// Hands out evenly spaced start times across all workers for `--rate`.
-pub(super) struct Pacer {
-    start: Instant,
-    interval_nanos: u64,
-    /// Nanoseconds after `start` of the next free slot.
-    next: AtomicU64,
-}
-
-impl Pacer {
-    pub(super) fn new(start: Instant, per_second: f64) -> Self {
-        Self {
-            start,
-            interval_nanos: (1e9 / per_second).max(1.0) as u64,
-            next: AtomicU64::new(0),
-        }
-    }
-
-    /// Sleeps until this caller's slot; false (after sleeping to the deadline)
-    /// when the slot falls after it.
-    async fn wait(&self, deadline: Instant) -> bool {
-        let now = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        let claim = |next: u64| Some(next.max(now).saturating_add(self.interval_nanos));
-        let (Ok(previous) | Err(previous)) = self.next.fetch_update(Relaxed, Relaxed, claim);
-        let slot = self.start + Duration::from_nanos(previous.max(now));
-        if slot >= deadline {
-            sleep_until(deadline).await;
-            return false;
-        }
-        sleep_until(slot).await;
-        true
-    }
 }

@@ -131,6 +131,7 @@ impl Stats {
         url: String,
         mode: Mode,
         connections: usize,
+        message_rate: Option<f64>,
         elapsed: Duration,
     ) -> LoadReport {
         let secs = elapsed.as_secs_f64().max(f64::EPSILON);
@@ -146,6 +147,7 @@ impl Stats {
             url,
             mode,
             connections,
+            message_rate,
             elapsed_secs: elapsed.as_secs_f64(),
             handshakes: Handshakes {
                 attempted: self.attempted.load(Relaxed),
