@@ -25,8 +25,21 @@ pub fn list_tokens<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterat
         .filter(|token| !token.is_empty())
 }
 
+/// The comma-separated tokens of every instance of `name`, as bytes, trimmed
+/// of ASCII whitespace (RFC 9110 §5.6.1 OWS; no token holds any other). The
+/// checks every handshake makes (`Connection`, `Upgrade`) compare ASCII
+/// tokens, so they need neither UTF-8 validation nor Unicode-aware trimming.
+fn token_bytes<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a [u8]> {
+    headers
+        .get_all(name)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
+        .map(|token| token.trim_ascii())
+        .filter(|token| !token.is_empty())
+}
+
 fn has_token(headers: &HeaderMap, name: &HeaderName, wanted: &str) -> bool {
-    list_tokens(headers, name).any(|token| token.eq_ignore_ascii_case(wanted))
+    token_bytes(headers, name).any(|token| token.eq_ignore_ascii_case(wanted.as_bytes()))
 }
 
 /// RFC 6455 §4.2.1: `Connection` includes the token `Upgrade` and `Upgrade`
@@ -64,11 +77,11 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// upgrade itself is end-to-end in effect, so `Upgrade` is kept and
 /// `Connection: Upgrade` put back.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, websocket_upgrade: bool) {
-    let named: Vec<HeaderName> = list_tokens(headers, &CONNECTION)
+    let named: Vec<HeaderName> = token_bytes(headers, &CONNECTION)
         .filter(|token| {
-            !token.eq_ignore_ascii_case("upgrade") && !token.eq_ignore_ascii_case("keep-alive")
+            !token.eq_ignore_ascii_case(b"upgrade") && !token.eq_ignore_ascii_case(b"keep-alive")
         })
-        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+        .filter_map(|token| HeaderName::from_bytes(token).ok())
         .collect();
     for name in named {
         headers.remove(name);

@@ -232,6 +232,9 @@ async fn keep_timer_wakeups_near() {
 /// Binds with a deep accept backlog: a burst of handshakes (a fleet of
 /// clients reconnecting after a deploy) must queue, not be refused, and std's
 /// default of 128 is shallower than nginx's 511.
+///
+/// `TCP_NODELAY` is set here once: Linux copies it to every accepted socket,
+/// which saves a `setsockopt` per connection (see [`accepted_nodelay`]).
 fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
@@ -239,8 +242,18 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
     socket.bind(addr)?;
     socket.listen(4096)
+}
+
+/// A tunnel relays small WebSocket frames as they come; Nagle's algorithm
+/// would hold each behind the previous one's ACK. On Linux the accepted
+/// socket already has the listener's `TCP_NODELAY`; elsewhere it is set.
+fn accepted_nodelay(tcp: &TcpStream) {
+    if !cfg!(target_os = "linux") {
+        let _ = tcp.set_nodelay(true);
+    }
 }
 
 /// A proxy holds two sockets per tunnel; the default soft limit of 1024 would
@@ -264,9 +277,14 @@ struct AcceptContext {
 
 async fn accept_loop(listener: TcpListener, context: AcceptContext) {
     let local = listener.local_addr().ok();
+    // One waiter for the loop's life: a fresh one per accept would lock and
+    // relink the token's waiter list twice per connection.
+    let stopped = context.stop_accepting.cancelled();
+    tokio::pin!(stopped);
     loop {
         let accepted = tokio::select! {
-            _ = context.stop_accepting.cancelled() => return,
+            biased;
+            _ = &mut stopped => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -323,18 +341,21 @@ struct ConnectionTask {
 impl ConnectionTask {
     /// The task's future. Everything before a tunnel is boxed and freed when
     /// it ends, so a connection that became a WebSocket keeps, for the
-    /// tunnel's whole life, only the tunnel's own small state.
+    /// tunnel's whole life, only the tunnel's own small state. The tunnel is
+    /// boxed too: inline, it would make the task's future (which tokio moves
+    /// into the task and overwrites when it ends) most of a KiB for every
+    /// connection, a tunnel or not.
     fn run(self) -> impl Future<Output = ()> + Send + 'static {
         let serving = Box::pin(self.serve());
         async move {
             if let Some(tunnel) = serving.await {
-                tunnel.run().await;
+                Box::pin(tunnel.run()).await;
             }
         }
     }
 
     async fn serve(mut self) -> Option<Tunnel> {
-        let _ = self.tcp.set_nodelay(true);
+        accepted_nodelay(&self.tcp);
         let acceptor = self
             .state
             .listener_tls
@@ -526,5 +547,20 @@ async fn serve_with_hyper(
     };
     if let Err(error) = result {
         tracing::debug!(%peer, %error, "client connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_have_nagle_off() -> anyhow::Result<()> {
+        let listener = listen("127.0.0.1:0".parse()?)?;
+        let _client = TcpStream::connect(listener.local_addr()?).await?;
+        let (accepted, _) = listener.accept().await?;
+        accepted_nodelay(&accepted);
+        assert!(accepted.nodelay()?);
+        Ok(())
     }
 }
