@@ -25,17 +25,23 @@ pub fn list_tokens<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterat
         .filter(|token| !token.is_empty())
 }
 
-/// The comma-separated tokens of every instance of `name`, as bytes, trimmed
-/// of ASCII whitespace (RFC 9110 §5.6.1 OWS; no token holds any other). The
-/// checks every handshake makes (`Connection`, `Upgrade`) compare ASCII
-/// tokens, so they need neither UTF-8 validation nor Unicode-aware trimming.
+/// The comma-separated tokens of one field value, as bytes, trimmed of ASCII
+/// whitespace (RFC 9110 §5.6.1 OWS; no token holds any other). The checks
+/// every handshake makes (`Connection`, `Upgrade`) compare ASCII tokens, so
+/// they need neither UTF-8 validation nor Unicode-aware trimming.
+pub(crate) fn split_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&byte| byte == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|token| !token.is_empty())
+}
+
+/// [`split_tokens`] across every instance of `name`.
 fn token_bytes<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a [u8]> {
     headers
         .get_all(name)
         .iter()
-        .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
-        .map(|token| token.trim_ascii())
-        .filter(|token| !token.is_empty())
+        .flat_map(|value| split_tokens(value.as_bytes()))
 }
 
 fn has_token(headers: &HeaderMap, name: &HeaderName, wanted: &str) -> bool {

@@ -322,10 +322,8 @@ fn switch_head(fields: &[httparse::Header<'_>], raw: &Bytes) -> SwitchHead {
     let mut selected_protocols = Vec::new();
     for field in fields {
         if field.name.eq_ignore_ascii_case("upgrade") {
-            upgrades_to_websocket |= field
-                .value
-                .split(|&byte| byte == b',')
-                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"websocket"));
+            upgrades_to_websocket |= headers::split_tokens(field.value)
+                .any(|token| token.eq_ignore_ascii_case(b"websocket"));
         } else if field.name.eq_ignore_ascii_case("sec-websocket-protocol") {
             selected_protocols.push(raw.slice_ref(field.value));
         }

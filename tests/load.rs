@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -82,6 +83,22 @@ where
         }
     });
     addr
+}
+
+/// A WebSocket server that answers each binary message with `answer(message)`.
+async fn spawn_answering<F, Fut>(answer: F) -> SocketAddr
+where
+    F: Fn(Bytes) -> Fut + Copy + Send + Sync + 'static,
+    Fut: Future<Output = Bytes> + Send,
+{
+    spawn_ws(move |mut ws| async move {
+        while let Some(Ok(Message::Binary(data))) = ws.next().await {
+            if ws.send(Message::Binary(answer(data).await)).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
 }
 
 /// TLS in front of `backend` with a fresh self-signed certificate for localhost.
@@ -365,14 +382,10 @@ async fn wss_with_insecure_accepts_a_self_signed_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_echo_is_a_mismatch() {
-    let addr = spawn_ws(|mut ws| async move {
-        while let Some(Ok(Message::Binary(data))) = ws.next().await {
-            let mut data = data.to_vec();
-            data[0] ^= 0xff;
-            if ws.send(Message::binary(data)).await.is_err() {
-                return;
-            }
-        }
+    let addr = spawn_answering(|data| async move {
+        let mut data = data.to_vec();
+        data[0] ^= 0xff;
+        data.into()
     })
     .await;
     let url = format!("ws://{addr}/");
@@ -514,13 +527,9 @@ async fn message_rate_holds_across_reconnects() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paced_round_trip_counts_from_the_slot_a_slow_echo_held_back() {
     const ECHO_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
-    let addr = spawn_ws(|mut ws| async move {
-        while let Some(Ok(Message::Binary(data))) = ws.next().await {
-            tokio::time::sleep(ECHO_DELAY).await;
-            if ws.send(Message::Binary(data)).await.is_err() {
-                return;
-            }
-        }
+    let addr = spawn_answering(|data| async move {
+        tokio::time::sleep(ECHO_DELAY).await;
+        data
     })
     .await;
     let url = format!("ws://{addr}/");
