@@ -24,7 +24,8 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use wsgate::config::RouteConfig;
-use wsgate::headers::{self, Hop};
+use wsgate::forwarding::{self, Hop};
+use wsgate::headers;
 use wsgate::policy::origin::{self, OriginPattern};
 use wsgate::router;
 
@@ -240,7 +241,7 @@ fn bench_headers(c: &mut Criterion) {
     group.bench_function("set_forwarding_headers", |b| {
         b.iter_batched_ref(
             browser_upgrade,
-            |map| headers::set_forwarding_headers(map, black_box(&hop)),
+            |map| forwarding::set_forwarding_headers(map, black_box(&hop)),
             BatchSize::SmallInput,
         )
     });
@@ -260,7 +261,7 @@ fn bench_headers(c: &mut Criterion) {
                     .and_then(|value| value.to_str().ok())
                     .is_some_and(|value| origin::is_allowed(&routes[index].origins, value));
                 headers::strip_hop_by_hop(map, true);
-                headers::set_forwarding_headers(
+                forwarding::set_forwarding_headers(
                     map,
                     &Hop {
                         peer: lb,

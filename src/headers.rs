@@ -1,25 +1,63 @@
 //! Header rules on the way to the backend: hop-by-hop stripping, WebSocket
-//! upgrade detection, client-IP resolution and the forwarding headers
-//! (`X-Forwarded-*`, `X-Real-IP`, RFC 7239 `Forwarded`). Pure functions over
-//! `HeaderMap`, so each rule is unit-tested on its own.
+//! upgrade detection and client-IP resolution, over any request head's
+//! [`Fields`]: hyper's `HeaderMap`, or the spans of an upgrade request read
+//! off the wire ([`crate::upgrade_request`]). The forwarding headers the
+//! proxy adds are [`crate::forwarding`]'s.
 
 use std::net::IpAddr;
 
-use http::header::{CONNECTION, Entry, HOST, UPGRADE};
+use http::header::{CONNECTION, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 
-/// RFC 9110 §5.6.2 `tchar`.
-pub fn is_token_byte(byte: u8) -> bool {
-    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
+/// A request head's fields, looked up by name. The checks every handshake
+/// makes are written once against this, so the upgrade path can run them on
+/// the bytes it read without building a `HeaderMap`.
+pub trait Fields {
+    /// Every value of the fields called `name` (lowercase), in order. The
+    /// iterator borrows `name` (a span scan compares against it), so a
+    /// `const` name is bound to a local first.
+    fn values<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a;
+
+    /// The first value of `name`.
+    fn first<'a>(&'a self, name: &'a HeaderName) -> Option<&'a [u8]> {
+        self.values(name).next()
+    }
 }
 
-/// Comma-separated tokens across every instance of `name`, trimmed.
-pub fn list_tokens<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> {
-    headers
-        .get_all(name)
+impl Fields for HeaderMap {
+    fn values<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.get_all(name).iter().map(HeaderValue::as_bytes)
+    }
+}
+
+/// RFC 9110 §5.6.2 `tchar`.
+pub fn is_token_byte(byte: u8) -> bool {
+    matches!(byte, b'0'..=b'9' | b'a'..=b'z' | b'A'..=b'Z' | b'!' | b'#'..=b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~')
+}
+
+/// A field value as text, when it is visible ASCII, spaces and tabs (what
+/// `HeaderValue::to_str` accepts).
+pub(crate) fn visible_ascii(value: &[u8]) -> Option<&str> {
+    if value
         .iter()
-        .filter_map(|value| value.to_str().ok())
+        .all(|&byte| byte == b'\t' || (b' '..=b'~').contains(&byte))
+    {
+        std::str::from_utf8(value).ok()
+    } else {
+        None
+    }
+}
+
+/// Comma-separated tokens across every instance of `name`, trimmed; values
+/// that are not [`visible_ascii`] are skipped.
+pub fn list_tokens<'a, F: Fields + ?Sized>(
+    fields: &'a F,
+    name: &'a HeaderName,
+) -> impl Iterator<Item = &'a str> + 'a {
+    fields
+        .values(name)
+        .filter_map(visible_ascii)
         .flat_map(|value| value.split(','))
         .map(str::trim)
         .filter(|token| !token.is_empty())
@@ -37,21 +75,39 @@ pub(crate) fn split_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 }
 
 /// [`split_tokens`] across every instance of `name`.
-fn token_bytes<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a [u8]> {
-    headers
-        .get_all(name)
-        .iter()
-        .flat_map(|value| split_tokens(value.as_bytes()))
+fn token_bytes<'a, F: Fields + ?Sized>(
+    fields: &'a F,
+    name: &'a HeaderName,
+) -> impl Iterator<Item = &'a [u8]> + 'a {
+    fields.values(name).flat_map(split_tokens)
 }
 
-fn has_token(headers: &HeaderMap, name: &HeaderName, wanted: &str) -> bool {
-    token_bytes(headers, name).any(|token| token.eq_ignore_ascii_case(wanted.as_bytes()))
+fn has_token<F: Fields + ?Sized>(fields: &F, name: &HeaderName, wanted: &str) -> bool {
+    // A plain loop: this runs twice per handshake, and the adapter chain of
+    // `token_bytes` cost several times as much.
+    for value in fields.values(name) {
+        let mut rest = value;
+        loop {
+            let (token, more) = match rest.iter().position(|&byte| byte == b',') {
+                Some(comma) => (&rest[..comma], Some(&rest[comma + 1..])),
+                None => (rest, None),
+            };
+            if token.trim_ascii().eq_ignore_ascii_case(wanted.as_bytes()) {
+                return true;
+            }
+            match more {
+                Some(more) => rest = more,
+                None => break,
+            }
+        }
+    }
+    false
 }
 
 /// RFC 6455 §4.2.1: `Connection` includes the token `Upgrade` and `Upgrade`
 /// includes `websocket`, both case-insensitive and possibly among others.
-pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
-    has_token(headers, &CONNECTION, "upgrade") && has_token(headers, &UPGRADE, "websocket")
+pub fn is_websocket_upgrade<F: Fields + ?Sized>(fields: &F) -> bool {
+    has_token(fields, &CONNECTION, "upgrade") && has_token(fields, &UPGRADE, "websocket")
 }
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -60,12 +116,12 @@ pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwar
 pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub(crate) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub(crate) const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+pub(crate) const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 /// Headers that describe one connection, never the message (RFC 9110 §7.6.1),
 /// plus `Proxy-Authorization`, which is meant for this proxy alone. `Upgrade`
 /// is handled apart, since a WebSocket upgrade keeps it.
-const HOP_BY_HOP: [HeaderName; 8] = [
+pub(crate) const HOP_BY_HOP: [HeaderName; 8] = [
     CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -79,14 +135,19 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// RFC 9110 §7.6.1: "a proxy or gateway MUST parse a received Connection header
 /// field before a message is forwarded and, for each connection-option in this
 /// field, remove any header or trailer field(s) from the message with the same
-/// name", then drop the fixed hop-by-hop set. For a WebSocket upgrade the
-/// upgrade itself is end-to-end in effect, so `Upgrade` is kept and
-/// `Connection: Upgrade` put back.
+/// name". These are the names; `Upgrade` is not among them, whatever the
+/// request is: a plain request loses it anyway, and an upgrade keeps it.
+pub(crate) fn connection_options<F: Fields + ?Sized>(fields: &F) -> impl Iterator<Item = &[u8]> {
+    token_bytes(fields, &CONNECTION).filter(|token| {
+        !token.eq_ignore_ascii_case(b"upgrade") && !token.eq_ignore_ascii_case(b"keep-alive")
+    })
+}
+
+/// Removes the [`connection_options`] and the fixed hop-by-hop set. For a
+/// WebSocket upgrade the upgrade itself is end-to-end in effect, so `Upgrade`
+/// is kept and `Connection: Upgrade` put back.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, websocket_upgrade: bool) {
-    let named: Vec<HeaderName> = token_bytes(headers, &CONNECTION)
-        .filter(|token| {
-            !token.eq_ignore_ascii_case(b"upgrade") && !token.eq_ignore_ascii_case(b"keep-alive")
-        })
+    let named: Vec<HeaderName> = connection_options(headers)
         .filter_map(|token| HeaderName::from_bytes(token).ok())
         .collect();
     for name in named {
@@ -123,12 +184,13 @@ pub fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
 /// peer itself unless it is a trusted proxy; then the right-most
 /// `X-Forwarded-For` entry that is not itself trusted. A malformed entry stops
 /// the walk, keeping the last address we could vouch for.
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+pub fn client_ip<F: Fields + ?Sized>(peer: IpAddr, fields: &F, trusted: &[IpNet]) -> IpAddr {
     let mut client = peer.to_canonical();
     if !is_trusted(client, trusted) {
         return client;
     }
-    let entries: Vec<&str> = list_tokens(headers, &X_FORWARDED_FOR).collect();
+    let name = X_FORWARDED_FOR;
+    let entries: Vec<&str> = list_tokens(fields, &name).collect();
     for entry in entries.iter().rev() {
         let Some(ip) = parse_forwarded_ip(entry) else {
             break;
@@ -155,170 +217,6 @@ fn parse_forwarded_ip(entry: &str) -> Option<IpAddr> {
         .map(IpAddr::V4)
 }
 
-/// What the forwarding headers are computed from.
-pub struct Hop {
-    /// The TCP peer (or the PROXY header's source).
-    pub peer: IpAddr,
-    pub peer_trusted: bool,
-    pub client_ip: IpAddr,
-    pub tls: bool,
-}
-
-/// Sets `X-Forwarded-For/Proto/Host`, `X-Real-IP` and `Forwarded`. From a
-/// trusted peer the incoming chain is extended and its proto/host kept; from
-/// anyone else the incoming values are lies or noise and are replaced.
-///
-/// This runs on every request, so the peer's address is formatted once, by
-/// hand (`fmt` cost more than the rest of the headers), and each header is
-/// looked up once.
-pub fn set_forwarding_headers(headers: &mut HeaderMap, hop: &Hop) {
-    let peer = hop.peer.to_canonical();
-    let mut peer_text = String::with_capacity(40);
-    push_ip(&mut peer_text, peer);
-    let proto = if hop.tls { "https" } else { "http" };
-    let host = headers.get(HOST).cloned();
-
-    let chain = match hop
-        .peer_trusted
-        .then(|| joined(headers, &X_FORWARDED_FOR))
-        .flatten()
-    {
-        Some(mut incoming) => {
-            incoming.push_str(", ");
-            incoming.push_str(&peer_text);
-            owned_value(incoming)
-        }
-        None => HeaderValue::from_str(&peer_text).ok(),
-    };
-    insert_some(headers, X_FORWARDED_FOR, chain);
-
-    match headers.entry(X_FORWARDED_PROTO) {
-        Entry::Occupied(_) if hop.peer_trusted => {}
-        Entry::Occupied(mut entry) => {
-            entry.insert(HeaderValue::from_static(proto));
-        }
-        Entry::Vacant(entry) => {
-            entry.insert(HeaderValue::from_static(proto));
-        }
-    }
-    match (headers.entry(X_FORWARDED_HOST), &host) {
-        (Entry::Occupied(_), _) if hop.peer_trusted => {}
-        (Entry::Occupied(mut entry), Some(host)) => {
-            entry.insert(host.clone());
-        }
-        (Entry::Occupied(entry), None) => {
-            entry.remove_entry_mult().1.for_each(drop);
-        }
-        (Entry::Vacant(entry), Some(host)) => {
-            entry.insert(host.clone());
-        }
-        (Entry::Vacant(_), None) => {}
-    }
-    let client = hop.client_ip.to_canonical();
-    let real_ip = if client == peer {
-        HeaderValue::from_str(&peer_text).ok()
-    } else {
-        let mut client_text = String::with_capacity(40);
-        push_ip(&mut client_text, client);
-        owned_value(client_text)
-    };
-    insert_some(headers, X_REAL_IP, real_ip);
-
-    let incoming = hop
-        .peer_trusted
-        .then(|| joined(headers, &FORWARDED))
-        .flatten();
-    let mut forwarded = match incoming {
-        Some(mut incoming) => {
-            incoming.push_str(", ");
-            incoming
-        }
-        None => String::with_capacity(48 + peer_text.len()),
-    };
-    forwarded.push_str("for=");
-    // RFC 7239 §6: IPv6 nodes are bracketed, and then must be a quoted-string.
-    match peer {
-        IpAddr::V4(_) => forwarded.push_str(&peer_text),
-        IpAddr::V6(_) => {
-            forwarded.push_str("\"[");
-            forwarded.push_str(&peer_text);
-            forwarded.push_str("]\"");
-        }
-    }
-    forwarded.push_str(";proto=");
-    forwarded.push_str(proto);
-    if let Some(host) = host.as_ref().and_then(|host| host.to_str().ok()) {
-        forwarded.push_str(";host=");
-        push_forwarded_value(&mut forwarded, host);
-    }
-    insert_some(headers, FORWARDED, owned_value(forwarded));
-}
-
-/// Appends `ip` in its usual text form.
-fn push_ip(out: &mut String, ip: IpAddr) {
-    match ip {
-        IpAddr::V4(v4) => {
-            for (index, octet) in v4.octets().into_iter().enumerate() {
-                if index > 0 {
-                    out.push('.');
-                }
-                if octet >= 100 {
-                    out.push(char::from(b'0' + octet / 100));
-                }
-                if octet >= 10 {
-                    out.push(char::from(b'0' + octet / 10 % 10));
-                }
-                out.push(char::from(b'0' + octet % 10));
-            }
-        }
-        IpAddr::V6(v6) => {
-            use std::fmt::Write;
-            let _ = write!(out, "{v6}");
-        }
-    }
-}
-
-/// All instances of a header joined with ", " (RFC 9110 §5.3 list semantics).
-fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
-    let mut values = headers
-        .get_all(name)
-        .iter()
-        .filter_map(|value| value.to_str().ok());
-    let mut text = values.next()?.to_owned();
-    for value in values {
-        text.push_str(", ");
-        text.push_str(value);
-    }
-    Some(text)
-}
-
-/// A header value that takes the string's buffer instead of copying it.
-fn owned_value(text: String) -> Option<HeaderValue> {
-    HeaderValue::try_from(text).ok()
-}
-
-fn insert_some(headers: &mut HeaderMap, name: HeaderName, value: Option<HeaderValue>) {
-    if let Some(value) = value {
-        headers.insert(name, value);
-    }
-}
-
-/// RFC 7239 §4: a value is a token or a quoted-string.
-fn push_forwarded_value(out: &mut String, value: &str) {
-    if !value.is_empty() && value.bytes().all(is_token_byte) {
-        out.push_str(value);
-        return;
-    }
-    out.push('"');
-    for c in value.chars() {
-        if c == '"' || c == '\\' {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out.push('"');
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,6 +234,15 @@ mod tests {
 
     fn nets(list: &[&str]) -> Vec<IpNet> {
         list.iter().map(|net| net.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn token_bytes_are_rfc_9110_tchars() {
+        let tchars: Vec<u8> = (0..=255u8).filter(|&byte| is_token_byte(byte)).collect();
+        let mut expected: Vec<u8> = b"!#$%&'*+-.^_`|~".to_vec();
+        expected.extend((b'0'..=b'9').chain(b'A'..=b'Z').chain(b'a'..=b'z'));
+        expected.sort_unstable();
+        assert_eq!(tchars, expected);
     }
 
     #[test]
@@ -422,84 +329,6 @@ mod tests {
         assert_eq!(
             client_ip(mapped, &headers, &trusted),
             "203.0.113.9".parse::<IpAddr>().unwrap()
-        );
-    }
-
-    #[test]
-    fn addresses_are_written_as_std_writes_them() {
-        let addresses = [
-            "0.0.0.0",
-            "9.10.99.100",
-            "255.254.200.101",
-            "127.0.0.1",
-            "::1",
-            "2001:db8::8a2e:370:7334",
-            "::ffff:10.0.0.1",
-        ];
-        for text in addresses {
-            let ip: IpAddr = text.parse().unwrap();
-            let mut out = String::new();
-            push_ip(&mut out, ip);
-            assert_eq!(out, ip.to_string());
-        }
-    }
-
-    #[test]
-    fn untrusted_peer_gets_its_forwarding_headers_replaced() {
-        let mut headers = map(&[
-            ("host", "app.example.com:8443"),
-            ("x-forwarded-for", "1.1.1.1"),
-            ("x-forwarded-proto", "http"),
-            ("x-forwarded-host", "evil.test"),
-            ("forwarded", "for=1.1.1.1"),
-            ("x-real-ip", "1.1.1.1"),
-        ]);
-        let peer: IpAddr = "192.0.2.7".parse().unwrap();
-        set_forwarding_headers(
-            &mut headers,
-            &Hop {
-                peer,
-                peer_trusted: false,
-                client_ip: peer,
-                tls: true,
-            },
-        );
-        assert_eq!(headers["x-forwarded-for"], "192.0.2.7");
-        assert_eq!(headers["x-forwarded-proto"], "https");
-        assert_eq!(headers["x-forwarded-host"], "app.example.com:8443");
-        assert_eq!(headers["x-real-ip"], "192.0.2.7");
-        assert_eq!(
-            headers["forwarded"],
-            "for=192.0.2.7;proto=https;host=\"app.example.com:8443\""
-        );
-    }
-
-    #[test]
-    fn trusted_peer_chain_is_extended_and_its_proto_kept() {
-        let mut headers = map(&[
-            ("host", "app.example.com"),
-            ("x-forwarded-for", "203.0.113.9"),
-            ("x-forwarded-proto", "https"),
-            ("forwarded", "for=203.0.113.9;proto=https"),
-        ]);
-        let peer: IpAddr = "::1".parse().unwrap();
-        let client: IpAddr = "203.0.113.9".parse().unwrap();
-        set_forwarding_headers(
-            &mut headers,
-            &Hop {
-                peer,
-                peer_trusted: true,
-                client_ip: client,
-                tls: false,
-            },
-        );
-        assert_eq!(headers["x-forwarded-for"], "203.0.113.9, ::1");
-        assert_eq!(headers["x-forwarded-proto"], "https");
-        assert_eq!(headers["x-forwarded-host"], "app.example.com");
-        assert_eq!(headers["x-real-ip"], "203.0.113.9");
-        assert_eq!(
-            headers["forwarded"],
-            "for=203.0.113.9;proto=https, for=\"[::1]\";proto=http;host=app.example.com"
         );
     }
 }

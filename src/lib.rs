@@ -12,13 +12,14 @@
 //! - [`server`]: listeners, accept loop, TLS handshake, connection limit,
 //!   reload and graceful drain.
 //! - [`head`]: the connection's first request head, read before anyone
-//!   parses it; a WebSocket upgrade there goes to [`upgrade`], anything else
-//!   to hyper.
+//!   parses it; a WebSocket upgrade there ([`upgrade_request`]) goes to
+//!   [`upgrade`], anything else to hyper.
 //! - [`proxy`]: the per-request pipeline (admission) and hyper's entry
 //!   point; where a refused request is logged and counted.
 //! - [`router`]: host + longest path prefix → route.
 //! - [`policy`]: IP, handshake shape, origin and subprotocol checks.
-//! - [`headers`]: hop-by-hop stripping and forwarding headers.
+//! - [`headers`]: hop-by-hop stripping, upgrade detection, client IP;
+//!   [`forwarding`]: the `X-Forwarded-*`, `X-Real-IP` and `Forwarded` headers.
 //! - [`upstream`]: backend pools, balancing, connects.
 //! - [`upgrade`]: the exchange with the backend, the 101 and the tunnel's
 //!   start; [`wire`] reads and writes its HTTP/1.1 heads.
@@ -33,6 +34,7 @@ pub mod config;
 pub mod demo;
 pub mod echo;
 pub mod error;
+pub mod forwarding;
 pub mod head;
 pub mod headers;
 pub mod health;
@@ -47,6 +49,7 @@ pub mod state;
 pub mod tls;
 pub mod tunnel;
 pub mod upgrade;
+pub mod upgrade_request;
 pub mod upgraded;
 pub mod upstream;
 pub mod wire;

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{HOST, ORIGIN};
-use http::{Request, Response, Uri, Version};
+use http::{HeaderValue, Method, Request, Response, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
@@ -23,7 +23,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::RouteConfig;
 use crate::error::Rejection;
-use crate::headers::{self, Hop};
+use crate::forwarding::{self, Hop};
+use crate::headers::{self, Fields};
 use crate::metrics::RouteMetrics;
 use crate::policy;
 use crate::router;
@@ -75,13 +76,18 @@ impl RequestFacts {
         }
     }
 
-    pub(crate) fn new(parts: &http::request::Parts, conn: &Connection, upgrade: bool) -> Self {
-        // Cheap reference-counted clones: only a rejection formats them.
+    /// Cheap reference-counted clones: only a rejection formats them.
+    pub(crate) fn new(
+        uri: &Uri,
+        origin: Option<HeaderValue>,
+        conn: &Connection,
+        upgrade: bool,
+    ) -> Self {
         RequestFacts {
             route: None,
             client_ip: conn.peer.ip().to_canonical(),
-            origin: parts.headers.get(ORIGIN).cloned(),
-            uri: parts.uri.clone(),
+            origin,
+            uri: uri.clone(),
             upgrade,
         }
     }
@@ -96,7 +102,8 @@ pub async fn handle(
     let upgrade =
         request.version() == Version::HTTP_11 && headers::is_websocket_upgrade(request.headers());
     let (parts, body) = request.into_parts();
-    let mut facts = RequestFacts::new(&parts, &conn, upgrade);
+    let origin = parts.headers.get(ORIGIN).cloned();
+    let mut facts = RequestFacts::new(&parts.uri, origin, &conn, upgrade);
     let result = handle_inner(parts, body, &conn, &mut facts, started).await;
     let response = match result {
         Ok(response) => response,
@@ -171,12 +178,11 @@ fn redacted_path(uri: &Uri) -> String {
 }
 
 /// RFC 9112 §3.2.2: an absolute-form target's authority wins over `Host`.
-fn request_host(parts: &http::request::Parts) -> String {
-    let raw = parts
-        .uri
+fn request_host<F: Fields + ?Sized>(uri: &Uri, fields: &F) -> String {
+    let raw = uri
         .authority()
         .map(|authority| authority.as_str())
-        .or_else(|| parts.headers.get(HOST).and_then(|host| host.to_str().ok()))
+        .or_else(|| fields.first(&HOST).and_then(headers::visible_ascii))
         .unwrap_or_default();
     router::normalise_request_host(raw)
 }
@@ -230,16 +236,31 @@ pub(crate) async fn admit(
     conn: &Connection,
     facts: &mut RequestFacts,
 ) -> Result<usize, Rejection> {
+    let (index, hop) = admit_head(conn, &parts.uri, &parts.method, &parts.headers, facts)?;
+    finish_admission(parts, &conn.state.routes[index], &hop, facts.upgrade).await?;
+    Ok(index)
+}
+
+/// The checks before a request's head is rewritten: route, IP, shape,
+/// origin. Returns the matched route's index and the hop its forwarding
+/// headers will describe; `facts` learns the route and the client's IP.
+pub(crate) fn admit_head<F: Fields + ?Sized>(
+    conn: &Connection,
+    uri: &Uri,
+    method: &Method,
+    fields: &F,
+    facts: &mut RequestFacts,
+) -> Result<(usize, Hop), Rejection> {
     let state = &conn.state;
-    let host = request_host(parts);
+    let host = request_host(uri, fields);
     let index = router::route(
         state.routes.iter().map(|route| &*route.config),
         &host,
-        parts.uri.path(),
+        uri.path(),
     )
     .ok_or_else(|| Rejection::NoRoute {
         host: host.clone(),
-        path: parts.uri.path().to_owned(),
+        path: uri.path().to_owned(),
     })?;
     let route = &state.routes[index];
     facts.route = Some(index);
@@ -247,13 +268,13 @@ pub(crate) async fn admit(
     let peer = conn.peer.ip().to_canonical();
     let trusted = &state.server.trusted_proxies;
     let peer_trusted = headers::is_trusted(peer, trusted);
-    facts.client_ip = headers::client_ip(peer, &parts.headers, trusted);
+    facts.client_ip = headers::client_ip(peer, fields, trusted);
     let config: &RouteConfig = &route.config;
 
     policy::check_ip(config, facts.client_ip)?;
-    policy::check_shape(config, &parts.method, &parts.headers, facts.upgrade)?;
+    policy::check_shape(config, method, fields, facts.upgrade)?;
     if facts.upgrade {
-        if let Some(would_reject) = policy::check_origin(config, &parts.headers)? {
+        if let Some(would_reject) = policy::check_origin(config, fields)? {
             route.metrics.origin_reports.inc();
             tracing::warn!(
                 route = %config.name,
@@ -271,14 +292,26 @@ pub(crate) async fn admit(
         client_ip: facts.client_ip,
         tls: conn.tls,
     };
+    Ok((index, hop))
+}
+
+/// The rest of [`admit`] on a head in a `HeaderMap`: the rewrite, then token,
+/// scope and subprotocol.
+pub(crate) async fn finish_admission(
+    parts: &mut http::request::Parts,
+    route: &Route,
+    hop: &Hop,
+    upgrade: bool,
+) -> Result<(), Rejection> {
+    let config: &RouteConfig = &route.config;
     // Rewritten before the auth check: a forward-auth service must judge the
     // forwarding headers we vouch for, never ones an untrusted client forged.
-    rewrite_request_head(parts, &hop, facts.upgrade);
+    rewrite_request_head(parts, hop, upgrade);
     let grant = match &config.auth {
         Some(auth) => Some(auth.check(parts).await?),
         None => None,
     };
-    let narrowed_offer = if facts.upgrade {
+    let narrowed_offer = if upgrade {
         policy::check_subprotocols(config, &parts.headers)?
     } else {
         None
@@ -293,14 +326,14 @@ pub(crate) async fn admit(
     if let Some(offer) = narrowed_offer {
         parts.headers.insert(policy::SEC_WEBSOCKET_PROTOCOL, offer);
     }
-    Ok(index)
+    Ok(())
 }
 
 /// The request as the backend should see it: hop-by-hop headers gone,
 /// forwarding headers set, origin-form target, HTTP/1.1.
 fn rewrite_request_head(parts: &mut http::request::Parts, hop: &Hop, websocket_upgrade: bool) {
     headers::strip_hop_by_hop(&mut parts.headers, websocket_upgrade);
-    headers::set_forwarding_headers(&mut parts.headers, hop);
+    forwarding::set_forwarding_headers(&mut parts.headers, hop);
     if parts.uri.authority().is_some() {
         let origin_form = parts
             .uri

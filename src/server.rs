@@ -30,6 +30,7 @@ use crate::metrics::Metrics;
 use crate::proxy::{self, Connection};
 use crate::state::State;
 use crate::upgrade::Tunnel;
+use crate::upgrade_request::UpgradeRequest;
 use crate::upgraded::ClientConn;
 use crate::wire;
 
@@ -493,10 +494,9 @@ async fn serve_http(
         }
         FirstHead::Closed => return None,
     };
-    if let Some(upgrade) = wire::parse_upgrade_request(&first_head) {
-        let rest = first_head.slice(upgrade.head_len..);
+    if let Some(upgrade) = UpgradeRequest::parse(&first_head) {
         drop(first_head);
-        return crate::upgrade::serve_direct(io, upgrade, rest, connection).await;
+        return crate::upgrade::serve_direct(io, upgrade, connection).await;
     }
     // Boxed: hyper's connection future is several KiB, and inline it would
     // enlarge the serving future of every connection, upgrades included.

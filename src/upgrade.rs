@@ -14,20 +14,21 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use http::Response;
-use http::header::CONTENT_LENGTH;
+use http::header::{CONTENT_LENGTH, ORIGIN};
+use http::{HeaderValue, Method, Response};
 use tokio::io::AsyncWriteExt;
 
 use crate::error::Rejection;
 use crate::head::Prefixed;
-use crate::headers;
+use crate::headers::{self, Fields};
 use crate::policy;
 use crate::proxy::{self, Connection, ProxyBody, RequestFacts};
 use crate::state::Route;
 use crate::tunnel;
+use crate::upgrade_request::UpgradeRequest;
 use crate::upgraded::{self, ClientConn, UpstreamIo};
 use crate::upstream::UpstreamStream;
-use crate::wire::{self, AnswerError, AnswerHead, SwitchHead, UpgradeRequest};
+use crate::wire::{self, AnswerError, AnswerHead, SwitchHead};
 
 /// The backend's answer to a forwarded upgrade.
 pub(crate) enum Answer {
@@ -45,19 +46,20 @@ pub(crate) struct Switched {
     pub stream: UpstreamStream,
 }
 
-/// Sends the admitted request to the route's upstream and reads its answer,
-/// within `handshake_timeout` after the connect. The answer is counted here:
-/// a switch with the handshake's duration since `started`, a refusal as such.
-pub(crate) async fn exchange(
-    parts: &http::request::Parts,
+/// Sends the admitted request's `head` to the route's upstream and reads its
+/// answer, within `handshake_timeout` after the connect. `offered` is what
+/// the client asked for, to check the backend's choice of subprotocol
+/// against. The answer is counted here: a switch with the handshake's
+/// duration since `started`, a refusal as such.
+pub(crate) async fn exchange<F: Fields + ?Sized>(
+    head: &[u8],
+    offered: &F,
     route: &Route,
     started: Instant,
 ) -> Result<Answer, Rejection> {
     let upstream = &route.upstream;
-    let mut head = Vec::new();
-    wire::encode_request_head(parts, &mut head);
     let (mut stream, sent) = upstream
-        .connect_sending(&head)
+        .connect_sending(head)
         .await
         .map_err(|error| proxy::connect_rejection(&error))?;
     let name = &upstream.config.name;
@@ -111,7 +113,7 @@ pub(crate) async fn exchange(
             detail: format!("upstream {name:?} answered 101 without Upgrade: websocket"),
         });
     }
-    policy::check_selected_subprotocol(&parts.headers, &head.selected_protocols)?;
+    policy::check_selected_subprotocol(&route.config, offered, &head.selected_protocols)?;
     route.metrics.upgraded.inc();
     route
         .metrics
@@ -149,21 +151,27 @@ impl Tunnel {
 
 /// Serves a connection whose first request is a WebSocket upgrade up to the
 /// switch: admission, the exchange with the backend, the 101 to the client.
-/// `rest` is whatever the client sent behind the head. Refusals close the
-/// connection, as browsers do after a failed WebSocket handshake anyway.
+/// Refusals close the connection, as browsers do after a failed WebSocket
+/// handshake anyway.
 pub(crate) async fn serve_direct(
     mut io: ClientConn,
     request: UpgradeRequest,
-    rest: Bytes,
     conn: Connection,
 ) -> Option<Tunnel> {
     let started = Instant::now();
-    let mut parts = request.parts;
-    let mut facts = RequestFacts::new(&parts, &conn, true);
-    let answer = match proxy::admit(&mut parts, &conn, &mut facts).await {
-        Ok(route) => exchange(&parts, &conn.state.routes[route], started)
-            .await
-            .map(|answer| (route, answer)),
+    let origin = request
+        .first(&ORIGIN)
+        .and_then(|origin| HeaderValue::from_bytes(origin).ok());
+    let mut facts = RequestFacts::new(&request.uri, origin, &conn, true);
+    let answer = match admit_direct(&request, &conn, &mut facts).await {
+        Ok(admitted) => {
+            let route = &conn.state.routes[admitted.route];
+            let answer = match &admitted.parts {
+                Some(parts) => exchange(&admitted.head, &parts.headers, route, started).await,
+                None => exchange(&admitted.head, &request.passed_on(), route, started).await,
+            };
+            answer.map(|answer| (admitted.route, answer))
+        }
         Err(rejection) => Err(rejection),
     };
     let (route, switched) = match answer {
@@ -188,12 +196,60 @@ pub(crate) async fn serve_direct(
         return None;
     }
     Some(Tunnel {
-        client: Prefixed::new(rest, io),
+        client: Prefixed::new(request.rest(), io),
         upstream: Prefixed::new(switched.early, switched.stream),
         conn,
         route,
         client_ip: facts.client_ip,
     })
+}
+
+/// An upgrade request that may go upstream.
+struct Admitted {
+    route: usize,
+    /// The head to send.
+    head: Vec<u8>,
+    /// The request in a map, when the route's auth needed one; it then holds
+    /// the offer the backend saw.
+    parts: Option<http::request::Parts>,
+}
+
+/// Admission of an upgrade read off the wire. Without auth, every step
+/// reads the request's spans and the head is written from them; a route
+/// with auth takes the map path, whose later steps read and edit fields by
+/// name.
+async fn admit_direct(
+    request: &UpgradeRequest,
+    conn: &Connection,
+    facts: &mut RequestFacts,
+) -> Result<Admitted, Rejection> {
+    let (index, hop) = proxy::admit_head(conn, &request.uri, &Method::GET, request, facts)?;
+    let route = &conn.state.routes[index];
+    if route.config.auth.is_none() {
+        let offer = policy::check_subprotocols(&route.config, &request.passed_on())?;
+        let mut head = Vec::new();
+        request.encode(&hop, offer.as_ref(), &mut head);
+        return Ok(Admitted {
+            route: index,
+            head,
+            parts: None,
+        });
+    }
+    let mut parts = request.to_parts().ok_or(Rejection::BadHandshake {
+        detail: "a header field is not valid",
+    })?;
+    proxy::finish_admission(&mut parts, route, &hop, true).await?;
+    Ok(Admitted {
+        route: index,
+        head: encoded_head(&parts),
+        parts: Some(parts),
+    })
+}
+
+fn encoded_head(parts: &http::request::Parts) -> Vec<u8> {
+    let mut head = Vec::new();
+    wire::encode_request_head(parts, &mut head);
+    head
 }
 
 /// Answers an upgrade hyper parsed: the backend's 101 becomes hyper's
@@ -218,7 +274,7 @@ pub(crate) async fn through_hyper(
         head,
         early,
         stream,
-    } = match exchange(&parts, route, started).await? {
+    } = match exchange(&encoded_head(&parts), &parts.headers, route, started).await? {
         Answer::Switched(switched) => switched,
         Answer::Refused(response) => return Ok(response.map(proxy::full)),
     };

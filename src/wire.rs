@@ -4,15 +4,17 @@
 //! stops being HTTP. Taking that through hyper's server and client cost more
 //! CPU than everything else in a plaintext handshake (a dispatcher and its
 //! channels per side, the head parsed twice, header-case maps, the upgrade
-//! hand-over), so the upgrade path reads and writes its heads here with
-//! `httparse`. Plain HTTP stays with hyper, and so does any request this
-//! module declines to parse: hyper then answers it as it would have anyway.
+//! hand-over), so the upgrade path reads and writes its heads with
+//! `httparse`: the client's request in [`crate::upgrade_request`], the rest
+//! here. Plain HTTP stays with hyper, and so does any first request the
+//! upgrade path declines to parse: hyper then answers it as it would have
+//! anyway.
 
 use std::mem::MaybeUninit;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::error::Rejection;
@@ -21,7 +23,7 @@ use crate::headers;
 /// More fields than this in one head is left to hyper (request) or refused
 /// (an upstream's answer). The slots are left uninitialised: filling 4 KiB
 /// of empty fields per head costs more than parsing a browser's handshake.
-const MAX_HEADERS: usize = 128;
+pub(crate) const MAX_HEADERS: usize = 128;
 /// An upstream answer head larger than this is not HTTP we want to relay.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// A backend's refusal is buffered whole before it is relayed; WebSocket
@@ -29,74 +31,34 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// making the proxy hold megabytes.
 const MAX_REFUSAL_BODY: usize = 64 * 1024;
 
-/// A client's WebSocket upgrade request, parsed off the wire.
-pub(crate) struct UpgradeRequest {
-    pub parts: http::request::Parts,
-    /// Length of the head in the buffer it was parsed from.
-    pub head_len: usize,
-}
-
-/// Parses the start of `buffer` when it is a request the upgrade path serves
-/// on its own: a complete HTTP/1.1 GET asking for a WebSocket upgrade, with no
-/// body. Anything else, including anything malformed, gives `None`.
-pub(crate) fn parse_upgrade_request(buffer: &Bytes) -> Option<UpgradeRequest> {
-    let mut fields = [MaybeUninit::uninit(); MAX_HEADERS];
-    let mut request = httparse::Request::new(&mut []);
-    let head_len = match request.parse_with_uninit_headers(buffer, &mut fields) {
-        Ok(httparse::Status::Complete(len)) => len,
-        _ => return None,
-    };
-    // Most first requests that are not upgrades are plain HTTP for hyper: no
-    // map is built for those.
-    if request.method != Some("GET")
-        || request.version != Some(1)
-        || !request
-            .headers
-            .iter()
-            .any(|field| field.name.eq_ignore_ascii_case("upgrade"))
-    {
-        return None;
-    }
-    let uri = Uri::from_maybe_shared(buffer.slice_ref(request.path?.as_bytes())).ok()?;
-    // Room for the forwarding headers the proxy adds, so they do not regrow the map.
-    let map = field_map(request.headers, buffer, 6).ok()?;
-    if !headers::is_websocket_upgrade(&map) || has_body(&map) {
-        return None;
-    }
-    let (mut parts, ()) = http::Request::new(()).into_parts();
-    parts.method = Method::GET;
-    parts.uri = uri;
-    parts.version = Version::HTTP_11;
-    parts.headers = map;
-    Some(UpgradeRequest { parts, head_len })
-}
-
-/// The fields as a map whose values share `source`'s buffer, with room for
-/// `extra` more.
-fn field_map(
-    fields: &[httparse::Header<'_>],
-    source: &Bytes,
+/// The fields as a map whose values share the buffer they were read into,
+/// with room for `extra` more.
+pub(crate) fn field_map<'f>(
+    fields: impl ExactSizeIterator<Item = (&'f [u8], Bytes)>,
     extra: usize,
 ) -> Result<HeaderMap, AnswerError> {
     let mut map = HeaderMap::with_capacity(fields.len() + extra);
-    for field in fields {
-        let name = HeaderName::from_bytes(field.name.as_bytes())
-            .map_err(|_| AnswerError::Malformed("bad header name"))?;
-        let value = HeaderValue::from_maybe_shared(source.slice_ref(field.value))
+    for (name, value) in fields {
+        let name =
+            HeaderName::from_bytes(name).map_err(|_| AnswerError::Malformed("bad header name"))?;
+        let value = HeaderValue::from_maybe_shared(value)
             .map_err(|_| AnswerError::Malformed("bad header value"))?;
         map.append(name, value);
     }
     Ok(map)
 }
 
-/// A request body would have to be relayed before the upgrade; no browser
-/// sends one, so such requests are left to hyper.
-fn has_body(headers: &HeaderMap) -> bool {
-    headers.contains_key(TRANSFER_ENCODING)
-        || headers
-            .get_all(CONTENT_LENGTH)
+/// [`field_map`] of httparse's fields, parsed from `source`.
+fn parsed_field_map(
+    fields: &[httparse::Header<'_>],
+    source: &Bytes,
+) -> Result<HeaderMap, AnswerError> {
+    field_map(
+        fields
             .iter()
-            .any(|value| value.as_bytes() != b"0")
+            .map(|field| (field.name.as_bytes(), source.slice_ref(field.value))),
+        0,
+    )
 }
 
 /// Writes the head of `parts` as an HTTP/1.1 request in origin form.
@@ -201,7 +163,7 @@ impl SwitchHead {
             .map_err(|_| AnswerError::Malformed("bad status line or header field"))?;
         let mut response = Response::new(body);
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        *response.headers_mut() = field_map(parsed.headers, &self.raw, 0)?;
+        *response.headers_mut() = parsed_field_map(parsed.headers, &self.raw)?;
         Ok(response)
     }
 }
@@ -313,7 +275,7 @@ fn parse_response_head(raw: Bytes) -> Result<Option<AnswerHead>, AnswerError> {
     if status.is_informational() {
         return Ok(None);
     }
-    let headers = field_map(response.headers, &raw, 0)?;
+    let headers = parsed_field_map(response.headers, &raw)?;
     Ok(Some(AnswerHead::Final(ResponseHead { status, headers })))
 }
 
@@ -462,55 +424,6 @@ async fn read_chunked<S: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn request(text: &str) -> Option<UpgradeRequest> {
-        parse_upgrade_request(&Bytes::copy_from_slice(text.as_bytes()))
-    }
-
-    const UPGRADE: &str = "GET /chat?room=1 HTTP/1.1\r\nHost: example.com\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nOrigin: https://App.example.com\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
-
-    #[test]
-    fn upgrade_request_is_parsed_with_values_intact() {
-        let text = format!("{UPGRADE}early");
-        let parsed = request(&text).expect("an upgrade");
-        assert_eq!(parsed.head_len, UPGRADE.len());
-        assert_eq!(parsed.parts.method, Method::GET);
-        assert_eq!(parsed.parts.uri, "/chat?room=1");
-        assert_eq!(parsed.parts.version, Version::HTTP_11);
-        assert_eq!(parsed.parts.headers["origin"], "https://App.example.com");
-        assert_eq!(parsed.parts.headers.len(), 6);
-    }
-
-    #[test]
-    fn other_requests_are_left_to_hyper() {
-        let cases = [
-            UPGRADE.replace("GET", "POST"),
-            UPGRADE.replace("HTTP/1.1", "HTTP/1.0"),
-            UPGRADE.replace("Upgrade: websocket\r\n", ""),
-            UPGRADE.replace("keep-alive, Upgrade", "keep-alive"),
-            UPGRADE.replace("\r\n\r\n", "\r\nContent-Length: 5\r\n\r\n"),
-            UPGRADE.replace("\r\n\r\n", "\r\nTransfer-Encoding: chunked\r\n\r\n"),
-            UPGRADE.replace("\r\n\r\n", "\r\n"),
-            UPGRADE.replace("Host: example.com", "Ho st: example.com"),
-            "GET / HTTP/1.1\r\nHost: a\r\n\r\n".to_owned(),
-        ];
-        for case in cases {
-            assert!(request(&case).is_none(), "{case:?}");
-        }
-        let zero_length = UPGRADE.replace("\r\n\r\n", "\r\nContent-Length: 0\r\n\r\n");
-        assert!(request(&zero_length).is_some());
-    }
-
-    #[test]
-    fn request_head_is_written_in_origin_form() {
-        let parsed = request(UPGRADE).expect("an upgrade");
-        let mut out = Vec::new();
-        encode_request_head(&parsed.parts, &mut out);
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "GET /chat?room=1 HTTP/1.1\r\nhost: example.com\r\nupgrade: websocket\r\nconnection: keep-alive, Upgrade\r\norigin: https://App.example.com\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
-        );
-    }
 
     #[test]
     fn final_response_has_exact_framing() {

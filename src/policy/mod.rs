@@ -9,11 +9,11 @@ pub mod origin;
 use std::net::IpAddr;
 
 use base64::Engine;
-use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use http::{HeaderName, HeaderValue, Method};
 
 use crate::config::{MissingOrigin, OriginMode, RouteConfig, WebSocketMode};
 use crate::error::Rejection;
-use crate::headers::list_tokens;
+use crate::headers::{Fields, list_tokens};
 
 const SEC_WEBSOCKET_KEY: HeaderName = HeaderName::from_static("sec-websocket-key");
 const SEC_WEBSOCKET_VERSION: HeaderName = HeaderName::from_static("sec-websocket-version");
@@ -37,10 +37,10 @@ pub fn check_ip(route: &RouteConfig, client: IpAddr) -> Result<(), Rejection> {
 /// `websocket = required | allowed | forbidden`, then RFC 6455 §4.2.1: a GET
 /// with exactly one `Sec-WebSocket-Key` that decodes to 16 bytes and
 /// `Sec-WebSocket-Version: 13`.
-pub fn check_shape(
+pub fn check_shape<F: Fields + ?Sized>(
     route: &RouteConfig,
     method: &Method,
-    headers: &HeaderMap,
+    fields: &F,
     upgrade: bool,
 ) -> Result<(), Rejection> {
     match (route.websocket, upgrade) {
@@ -54,10 +54,11 @@ pub fn check_shape(
             detail: "the method must be GET",
         });
     }
-    let mut keys = headers.get_all(SEC_WEBSOCKET_KEY).iter();
+    let (key_name, version_name) = (SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION);
+    let mut keys = fields.values(&key_name);
     let key_is_valid = match (keys.next(), keys.next()) {
         (Some(key), None) => base64::engine::general_purpose::STANDARD
-            .decode(key.as_bytes())
+            .decode(key)
             .is_ok_and(|nonce| nonce.len() == 16),
         _ => false,
     };
@@ -66,7 +67,7 @@ pub fn check_shape(
             detail: "Sec-WebSocket-Key must be one base64 value of 16 bytes",
         });
     }
-    let mut versions = headers.get_all(SEC_WEBSOCKET_VERSION).iter();
+    let mut versions = fields.values(&version_name);
     match (versions.next(), versions.next()) {
         (None, _) => Err(Rejection::BadHandshake {
             detail: "Sec-WebSocket-Version is missing",
@@ -76,20 +77,20 @@ pub fn check_shape(
         (Some(_), Some(_)) => Err(Rejection::BadHandshake {
             detail: "Sec-WebSocket-Version must appear once",
         }),
-        (Some(version), None) if version.as_bytes() == b"13" => Ok(()),
+        (Some(b"13"), None) => Ok(()),
         (Some(version), None) => Err(Rejection::BadVersion {
-            version: String::from_utf8_lossy(version.as_bytes()).into_owned(),
+            version: String::from_utf8_lossy(version).into_owned(),
         }),
     }
 }
 
 /// The origin decision. In report mode a would-be rejection is handed back as
 /// `Ok(Some(..))` so the proxy can log and count it and carry on.
-pub fn check_origin(
+pub fn check_origin<F: Fields + ?Sized>(
     route: &RouteConfig,
-    headers: &HeaderMap,
+    fields: &F,
 ) -> Result<Option<Rejection>, Rejection> {
-    let verdict = origin_verdict(route, headers);
+    let verdict = origin_verdict(route, fields);
     match (verdict, route.origin_mode) {
         (Ok(()), _) => Ok(None),
         (Err(rejection), OriginMode::Report) => Ok(Some(rejection)),
@@ -97,8 +98,8 @@ pub fn check_origin(
     }
 }
 
-fn origin_verdict(route: &RouteConfig, headers: &HeaderMap) -> Result<(), Rejection> {
-    let mut values = headers.get_all(http::header::ORIGIN).iter();
+fn origin_verdict<F: Fields + ?Sized>(route: &RouteConfig, fields: &F) -> Result<(), Rejection> {
+    let mut values = fields.values(&http::header::ORIGIN);
     let value = match (values.next(), values.next()) {
         (None, _) => {
             return match route.missing_origin {
@@ -113,7 +114,7 @@ fn origin_verdict(route: &RouteConfig, headers: &HeaderMap) -> Result<(), Reject
         }
         (Some(value), None) => value,
     };
-    let text = String::from_utf8_lossy(value.as_bytes());
+    let text = String::from_utf8_lossy(value);
     if origin::is_allowed(&route.origins, &text) {
         return Ok(());
     }
@@ -135,14 +136,15 @@ fn origin_verdict(route: &RouteConfig, headers: &HeaderMap) -> Result<(), Reject
 /// offer forwarded is narrowed to the allowed ones, in the client's order, so
 /// the backend can only pick an allowed one. Returns the header value to
 /// forward, or `None` to leave the request as it is.
-pub fn check_subprotocols(
+pub fn check_subprotocols<F: Fields + ?Sized>(
     route: &RouteConfig,
-    headers: &HeaderMap,
+    fields: &F,
 ) -> Result<Option<HeaderValue>, Rejection> {
     let Some(allowed) = &route.subprotocols else {
         return Ok(None);
     };
-    let offered: Vec<&str> = list_tokens(headers, &SEC_WEBSOCKET_PROTOCOL).collect();
+    let name = SEC_WEBSOCKET_PROTOCOL;
+    let offered: Vec<&str> = list_tokens(fields, &name).collect();
     let kept: Vec<&str> = offered
         .iter()
         .copied()
@@ -164,9 +166,12 @@ pub fn check_subprotocols(
 }
 
 /// RFC 6455 §4.1: the client fails the connection if the server selects a
-/// subprotocol it did not offer, so such a 101 is not passed on.
-pub fn check_selected_subprotocol(
-    request: &HeaderMap,
+/// subprotocol it did not offer, so such a 101 is not passed on. `request` is
+/// the client's offer; a route's `subprotocols` narrowed what the backend
+/// saw of it, so the choice must be allowed too.
+pub fn check_selected_subprotocol<F: Fields + ?Sized>(
+    route: &RouteConfig,
+    request: &F,
     selected: &[bytes::Bytes],
 ) -> Result<(), Rejection> {
     let choice = match selected {
@@ -179,12 +184,16 @@ pub fn check_selected_subprotocol(
         }
     };
     let choice = std::str::from_utf8(choice).unwrap_or_default().trim();
-    if list_tokens(request, &SEC_WEBSOCKET_PROTOCOL).any(|offered| offered == choice) {
+    let allowed = route
+        .subprotocols
+        .as_ref()
+        .is_none_or(|allowed| allowed.iter().any(|allowed| allowed == choice));
+    if allowed && list_tokens(request, &SEC_WEBSOCKET_PROTOCOL).any(|offered| offered == choice) {
         Ok(())
     } else {
         Err(Rejection::UpstreamProtocol {
             detail: format!(
-                "the backend selected subprotocol {choice:?}, which the client did not offer"
+                "the backend selected subprotocol {choice:?}, which it was not offered"
             ),
         })
     }

@@ -225,7 +225,7 @@ async fn upgrade_with_bare_lf_line_endings_is_served() {
     assert_eq!(head.status, 101, "{:?}", head.headers);
     let forwarded = within("the upgrade", seen.recv()).await.unwrap();
     assert!(
-        forwarded.starts_with("GET / HTTP/1.1\r\nhost: x\r\n"),
+        forwarded.starts_with("GET / HTTP/1.1\r\nHost: x\r\n"),
         "{forwarded:?}"
     );
     drop(stream);
