@@ -204,17 +204,7 @@ fn push_forwarded_value(out: &mut String, value: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        for (name, value) in pairs {
-            headers.append(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_str(value).unwrap(),
-            );
-        }
-        headers
-    }
+    use crate::headers::tests::map;
 
     #[test]
     fn forwarded_values_are_tokens_or_escaped_quoted_strings() {
