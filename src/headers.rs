@@ -83,25 +83,7 @@ fn token_bytes<'a, F: Fields + ?Sized>(
 }
 
 fn has_token<F: Fields + ?Sized>(fields: &F, name: &HeaderName, wanted: &str) -> bool {
-    // A plain loop: this runs twice per handshake, and the adapter chain of
-    // `token_bytes` cost several times as much.
-    for value in fields.values(name) {
-        let mut rest = value;
-        loop {
-            let (token, more) = match rest.iter().position(|&byte| byte == b',') {
-                Some(comma) => (&rest[..comma], Some(&rest[comma + 1..])),
-                None => (rest, None),
-            };
-            if token.trim_ascii().eq_ignore_ascii_case(wanted.as_bytes()) {
-                return true;
-            }
-            match more {
-                Some(more) => rest = more,
-                None => break,
-            }
-        }
-    }
-    false
+    token_bytes(fields, name).any(|token| token.eq_ignore_ascii_case(wanted.as_bytes()))
 }
 
 /// RFC 6455 §4.2.1: `Connection` includes the token `Upgrade` and `Upgrade`

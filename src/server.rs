@@ -495,6 +495,8 @@ async fn serve_http(
         FirstHead::Closed => return None,
     };
     if let Some(upgrade) = UpgradeRequest::parse(&first_head) {
+        // The request holds its own reference; this one need not live in
+        // the serving future through the exchange.
         drop(first_head);
         return crate::upgrade::serve_direct(io, upgrade, connection).await;
     }

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, ORIGIN};
-use http::{HeaderValue, Method, Response};
+use http::{Method, Response};
 use tokio::io::AsyncWriteExt;
 
 use crate::error::Rejection;
@@ -159,19 +159,19 @@ pub(crate) async fn serve_direct(
     conn: Connection,
 ) -> Option<Tunnel> {
     let started = Instant::now();
-    let origin = request
-        .first(&ORIGIN)
-        .and_then(|origin| HeaderValue::from_bytes(origin).ok());
+    let origin = request.shared_value(&ORIGIN);
     let mut facts = RequestFacts::new(&request.uri, origin, &conn, true);
     let answer = match admit_direct(&request, &conn, &mut facts).await {
-        Ok(admitted) => {
-            let route = &conn.state.routes[admitted.route];
-            let answer = match &admitted.parts {
-                Some(parts) => exchange(&admitted.head, &parts.headers, route, started).await,
-                None => exchange(&admitted.head, &request.passed_on(), route, started).await,
-            };
-            answer.map(|answer| (admitted.route, answer))
-        }
+        // The backend's choice of subprotocol is checked against what the
+        // client offered (and the route allows), whichever way it was admitted.
+        Ok((route, head)) => exchange(
+            &head,
+            &request.passed_on(),
+            &conn.state.routes[route],
+            started,
+        )
+        .await
+        .map(|answer| (route, answer)),
         Err(rejection) => Err(rejection),
     };
     let (route, switched) = match answer {
@@ -204,46 +204,28 @@ pub(crate) async fn serve_direct(
     })
 }
 
-/// An upgrade request that may go upstream.
-struct Admitted {
-    route: usize,
-    /// The head to send.
-    head: Vec<u8>,
-    /// The request in a map, when the route's auth needed one; it then holds
-    /// the offer the backend saw.
-    parts: Option<http::request::Parts>,
-}
-
-/// Admission of an upgrade read off the wire. Without auth, every step
-/// reads the request's spans and the head is written from them; a route
-/// with auth takes the map path, whose later steps read and edit fields by
-/// name.
+/// Admission of an upgrade read off the wire: the matched route's index and
+/// the head to send it. Without auth, every step reads the request's spans
+/// and the head is written from them; a route with auth takes the map path,
+/// whose later steps read and edit fields by name.
 async fn admit_direct(
     request: &UpgradeRequest,
     conn: &Connection,
     facts: &mut RequestFacts,
-) -> Result<Admitted, Rejection> {
+) -> Result<(usize, Vec<u8>), Rejection> {
     let (index, hop) = proxy::admit_head(conn, &request.uri, &Method::GET, request, facts)?;
     let route = &conn.state.routes[index];
     if route.config.auth.is_none() {
         let offer = policy::check_subprotocols(&route.config, &request.passed_on())?;
         let mut head = Vec::new();
         request.encode(&hop, offer.as_ref(), &mut head);
-        return Ok(Admitted {
-            route: index,
-            head,
-            parts: None,
-        });
+        return Ok((index, head));
     }
     let mut parts = request.to_parts().ok_or(Rejection::BadHandshake {
         detail: "a header field is not valid",
     })?;
     proxy::finish_admission(&mut parts, route, &hop, true).await?;
-    Ok(Admitted {
-        route: index,
-        head: encoded_head(&parts),
-        parts: Some(parts),
-    })
+    Ok((index, encoded_head(&parts)))
 }
 
 fn encoded_head(parts: &http::request::Parts) -> Vec<u8> {

@@ -19,7 +19,7 @@ use http::{HeaderName, HeaderValue, Method, Uri, Version};
 use crate::forwarding::{self, FORWARDING, FieldSink, Hop};
 use crate::headers::{self, Fields, HOP_BY_HOP};
 use crate::policy::SEC_WEBSOCKET_PROTOCOL;
-use crate::wire::{self, MAX_HEADERS};
+use crate::wire::{self, MAX_HEADERS, push_field};
 
 /// Where a name or value lies in the buffer.
 #[derive(Clone, Copy)]
@@ -114,6 +114,12 @@ impl UpgradeRequest {
         }
         parsed.hop_by_hop = parsed.find_hop_by_hop();
         Some(parsed)
+    }
+
+    /// The first value of `name` as a `HeaderValue` sharing the read buffer.
+    pub(crate) fn shared_value(&self, name: &HeaderName) -> Option<HeaderValue> {
+        let value = self.first(name)?;
+        HeaderValue::from_maybe_shared(self.buffer.slice_ref(value)).ok()
     }
 
     /// What the client sent behind the head.
@@ -257,13 +263,6 @@ impl FieldSink for HeadWriter<'_> {
     }
 
     fn remove(&mut self, _: &HeaderName) {}
-}
-
-fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
 }
 
 /// `part`'s place in `whole`, which it was parsed from.
