@@ -20,6 +20,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -296,7 +297,7 @@ async fn accept_loop(listener: TcpListener, context: AcceptContext) {
                 let connection = ConnectionTask {
                     tcp,
                     peer,
-                    over_limit: count > state.server.max_connections,
+                    over_limit_by: count.saturating_sub(state.server.max_connections),
                     state,
                     slot,
                     listener_index: context.listener_index,
@@ -332,7 +333,8 @@ struct ConnectionTask {
     peer: SocketAddr,
     state: Arc<State>,
     slot: ConnectionSlot,
-    over_limit: bool,
+    /// How many connections past `max_connections` this one is; 0 within it.
+    over_limit_by: usize,
     listener_index: usize,
     tracker: TaskTracker,
     stop_accepting: CancellationToken,
@@ -363,10 +365,10 @@ impl ConnectionTask {
             .get(self.listener_index)
             .cloned()
             .flatten();
-        if self.over_limit {
+        if self.over_limit_by > 0 {
             // Rare paths are boxed so they do not enlarge the serving future
             // that every connection allocates.
-            Box::pin(self.refuse_overloaded(acceptor.is_some())).await;
+            Box::pin(self.refuse_overloaded(acceptor)).await;
             return None;
         }
         if self
@@ -385,23 +387,8 @@ impl ConnectionTask {
         let io = match acceptor {
             None => ClientConn::Plain(self.tcp),
             Some(acceptor) => {
-                let handshake_timeout = self.state.server.tls_handshake_timeout;
-                match Box::pin(tokio::time::timeout(
-                    handshake_timeout,
-                    acceptor.accept(self.tcp),
-                ))
-                .await
-                {
-                    Ok(Ok(tls)) => ClientConn::Tls(Box::new(tls)),
-                    Ok(Err(error)) => {
-                        tracing::debug!(%peer, %error, "TLS handshake failed");
-                        return None;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, ?handshake_timeout, "TLS handshake timed out");
-                        return None;
-                    }
-                }
+                let tls = tls_handshake(&acceptor, self.tcp, peer, &self.state).await?;
+                ClientConn::Tls(Box::new(tls))
             }
         };
         let connection = Connection {
@@ -439,13 +426,55 @@ impl ConnectionTask {
         }
     }
 
-    /// Plaintext gets a proper 503; on TLS, doing a full handshake just to say
-    /// "too busy" would spend the CPU we are short of, so the socket is closed.
-    async fn refuse_overloaded(mut self, tls: bool) {
+    /// A 503 `overloaded`, over TLS too: an operator reading the client's
+    /// error should see why, as on plaintext. But a TLS refusal costs a full
+    /// handshake, so past [`TLS_REFUSALS_BEYOND_LIMIT`] a flood is met by
+    /// closing at accept, which spends nothing.
+    async fn refuse_overloaded(mut self, acceptor: Option<TlsAcceptor>) {
         let rejection = Rejection::Overloaded;
         report_unrouted(&self.state, self.peer, &rejection);
-        if !tls {
-            wire::write_rejection(&mut self.tcp, rejection).await;
+        match acceptor {
+            None => wire::write_rejection(&mut self.tcp, rejection).await,
+            Some(acceptor) if self.over_limit_by <= TLS_REFUSALS_BEYOND_LIMIT => {
+                if let Some(mut tls) =
+                    tls_handshake(&acceptor, self.tcp, self.peer, &self.state).await
+                {
+                    wire::write_rejection(&mut tls, rejection).await;
+                }
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+/// How many connections past `max_connections` may be in a TLS handshake
+/// just to be told 503: enough that clients arriving at a full proxy learn
+/// why, few enough that a flood cannot buy much CPU with it.
+const TLS_REFUSALS_BEYOND_LIMIT: usize = 64;
+
+/// The server side of a TLS handshake, within `tls_handshake_timeout`; `None`
+/// (logged) when it failed or timed out.
+async fn tls_handshake(
+    acceptor: &TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    state: &State,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let handshake_timeout = state.server.tls_handshake_timeout;
+    match Box::pin(tokio::time::timeout(
+        handshake_timeout,
+        acceptor.accept(tcp),
+    ))
+    .await
+    {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, ?handshake_timeout, "TLS handshake timed out");
+            None
         }
     }
 }

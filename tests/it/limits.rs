@@ -151,3 +151,106 @@ async fn connection_over_max_connections_gets_503_overloaded() {
     .await;
     proxy.stop().await;
 }
+
+fn tls_config(backend: SocketAddr, cert: &TestCert, max_connections: usize) -> String {
+    format!(
+        r#"
+        [[listener]]
+        addr = "127.0.0.1:0"
+        tls = {{ certs = [ {{ cert = "{}", key = "{}" }} ] }}
+        [admin]
+        addr = "127.0.0.1:0"
+        [server]
+        drain_timeout = "1s"
+        max_connections = {max_connections}
+        [upstream.echo]
+        servers = ["{backend}"]
+        [[route]]
+        path = "/"
+        upstream = "echo"
+        missing_origin = "allow"
+        "#,
+        cert.cert_path.display(),
+        cert.key_path.display(),
+    )
+}
+
+#[tokio::test]
+async fn tls_connection_over_max_connections_gets_503_overloaded_over_tls() {
+    let backend = spawn_ws_echo().await;
+    let cert = test_cert(&["a.test"]);
+    let proxy = start_proxy(&tls_config(backend.addr, &cert, 1)).await;
+    let admin = proxy.admin.unwrap();
+    let held = tls_connect(proxy.addr(), "a.test", &cert.cert_pem).await;
+    let mut refused = tls_connect(proxy.addr(), "a.test", &cert.cert_pem).await;
+    refused
+        .write_all(upgrade_request("/", "a.test", &[]).as_bytes())
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut refused, "GET").await;
+    assert_rejected(&head, &String::from_utf8_lossy(&body), 503, "overloaded");
+    assert_eq!(
+        admin_metric(
+            admin,
+            "wsgate_rejections_total",
+            &[("reason", "overloaded")]
+        )
+        .await,
+        1.0
+    );
+    drop(held);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn tls_refusals_past_their_margin_are_closed_at_accept() {
+    const MARGIN: usize = 64;
+    let backend = spawn_ws_echo().await;
+    let cert = test_cert(&["a.test"]);
+    let proxy = start_proxy(&tls_config(backend.addr, &cert, 1)).await;
+    let admin = proxy.admin.unwrap();
+    let _held = tls_connect(proxy.addr(), "a.test", &cert.cert_pem).await;
+    // Connections that never send a ClientHello stay in their refusal
+    // handshake, each one past the limit.
+    let mut waiting = Vec::with_capacity(MARGIN);
+    for _ in 0..MARGIN {
+        waiting.push(connect(proxy.addr()).await);
+    }
+    metric_becomes(
+        admin,
+        "wsgate_rejections_total",
+        &[("reason", "overloaded")],
+        MARGIN as f64,
+    )
+    .await;
+    let mut flood = connect(proxy.addr()).await;
+    assert_eq!(
+        read_until_eof(&mut flood).await,
+        b"",
+        "closed without a byte"
+    );
+    // One within the margin, though older than the flood's, was not cut:
+    // its handshake still completes and it is told why.
+    let name = rustls_pki_types::ServerName::try_from("a.test").unwrap();
+    let mut within_margin = within(
+        "TLS handshake",
+        tls_connector(&cert.cert_pem).connect(name, waiting.swap_remove(0)),
+    )
+    .await
+    .unwrap();
+    within_margin
+        .write_all(upgrade_request("/", "a.test", &[]).as_bytes())
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut within_margin, "GET").await;
+    assert_rejected(&head, &String::from_utf8_lossy(&body), 503, "overloaded");
+    metric_becomes(
+        admin,
+        "wsgate_rejections_total",
+        &[("reason", "overloaded")],
+        MARGIN as f64 + 1.0,
+    )
+    .await;
+    drop(waiting);
+    proxy.stop().await;
+}
