@@ -43,6 +43,7 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod proxy_protocol;
+pub(crate) mod refusal;
 pub mod router;
 pub mod server;
 pub mod state;

@@ -32,7 +32,10 @@ use crate::state::{Route, State};
 use crate::upgrade;
 use crate::upstream::ConnectError;
 
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+/// A response body's error: hyper's from an origin's body, ours from a
+/// refusal streamed off a backend ([`crate::refusal`]).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 pub(crate) fn full(bytes: Bytes) -> ProxyBody {
     Full::new(bytes).map_err(|never| match never {}).boxed()
@@ -406,5 +409,8 @@ async fn forward_plain(
     };
     let (mut head, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut head.headers, false);
-    Ok(Response::from_parts(head, body.boxed()))
+    Ok(Response::from_parts(
+        head,
+        body.map_err(BoxError::from).boxed(),
+    ))
 }

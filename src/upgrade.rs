@@ -23,6 +23,7 @@ use crate::head::Prefixed;
 use crate::headers::{self, Fields};
 use crate::policy;
 use crate::proxy::{self, Connection, ProxyBody, RequestFacts};
+use crate::refusal::{BodyDecoder, BodyRest, MAX_HELD_BODY, Refusal};
 use crate::state::Route;
 use crate::tunnel;
 use crate::upgrade_request::UpgradeRequest;
@@ -34,8 +35,8 @@ use crate::wire::{self, AnswerError, AnswerHead, SwitchHead};
 pub(crate) enum Answer {
     Switched(Switched),
     /// The backend's own refusal (already counted), hop-by-hop headers
-    /// stripped, body whole.
-    Refused(Response<Bytes>),
+    /// stripped.
+    Refused(Refusal<UpstreamStream>),
 }
 
 /// A valid 101 and the connection it came on.
@@ -74,8 +75,10 @@ pub(crate) async fn exchange<F: Fields + ?Sized>(
             match wire::read_response_head(&mut stream, &mut buffer).await? {
                 AnswerHead::Switch(head) => Ok(Ok((head, buffer.freeze()))),
                 AnswerHead::Final(head) => {
-                    let body = wire::read_body(&mut stream, &head, buffer).await?;
-                    Ok::<_, AnswerError>(Err(head.into_response(body)))
+                    let mut body = BodyDecoder::new(&head, buffer)?;
+                    let held = body.read_up_to(&mut stream, MAX_HELD_BODY).await?;
+                    let announced_length = BodyDecoder::announced_length(&head);
+                    Ok::<_, AnswerError>(Err((head.into_response(held), announced_length, body)))
                 }
             }
         });
@@ -100,12 +103,21 @@ pub(crate) async fn exchange<F: Fields + ?Sized>(
             });
         }
         Ok(Ok(Ok(switch))) => switch,
-        Ok(Ok(Err(mut refusal))) => {
-            headers::strip_hop_by_hop(refusal.headers_mut(), false);
+        Ok(Ok(Err((mut response, announced_length, decoder)))) => {
+            headers::strip_hop_by_hop(response.headers_mut(), false);
             // The relayed body is framed afresh: it was decoded and may have been chunked.
-            refusal.headers_mut().remove(CONTENT_LENGTH);
+            response.headers_mut().remove(CONTENT_LENGTH);
             route.metrics.rejected.inc();
-            return Ok(Answer::Refused(refusal));
+            let rest = (!decoder.is_done()).then_some(BodyRest {
+                decoder,
+                stream,
+                read_timeout: timeout,
+            });
+            return Ok(Answer::Refused(Refusal {
+                response,
+                announced_length,
+                rest,
+            }));
         }
     };
     if !head.upgrades_to_websocket {
@@ -176,8 +188,8 @@ pub(crate) async fn serve_direct(
     };
     let (route, switched) = match answer {
         Ok((route, Answer::Switched(switched))) => (route, switched),
-        Ok((_, Answer::Refused(response))) => {
-            wire::write_final_response(&mut io, &response).await;
+        Ok((_, Answer::Refused(refusal))) => {
+            refusal.write_to(&mut io).await;
             return None;
         }
         Err(rejection) => {
@@ -258,7 +270,7 @@ pub(crate) async fn through_hyper(
         stream,
     } = match exchange(&encoded_head(&parts), &parts.headers, route, started).await? {
         Answer::Switched(switched) => switched,
-        Answer::Refused(response) => return Ok(response.map(proxy::full)),
+        Answer::Refused(refusal) => return Ok(refusal.into_response()),
     };
     let conn = conn.clone();
     conn.tunnels.clone().spawn(async move {

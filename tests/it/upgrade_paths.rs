@@ -203,13 +203,98 @@ async fn backend_refusal_with_a_chunked_body_is_relayed_whole() {
     proxy.stop().await;
 }
 
+/// A refusal far larger than what the proxy holds (64 KiB), framed by
+/// `Content-Length` or by chunks: `(the backend's answer, the body)`.
+fn large_refusal(chunked: bool) -> (&'static [u8], Vec<u8>) {
+    let body: Vec<u8> = (0..210_000).map(big_body_byte).collect();
+    let mut wire = b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/html\r\n".to_vec();
+    if chunked {
+        wire.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
+        for chunk in body.chunks(70_000) {
+            wire.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+            wire.extend_from_slice(chunk);
+            wire.extend_from_slice(b"\r\n");
+        }
+        wire.extend_from_slice(b"0\r\n\r\n");
+    } else {
+        wire.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
+        wire.extend_from_slice(&body);
+    }
+    (Vec::leak(wire), body)
+}
+
 #[tokio::test]
-async fn backend_refusal_larger_than_the_relay_limit_is_502_upstream_protocol() {
+async fn backend_refusal_larger_than_what_is_held_streams_to_the_client_unchanged() {
+    for chunked in [false, true] {
+        let (answer, expected) = large_refusal(chunked);
+        let (backend, _) = spawn_raw_backend(answer).await;
+        let proxy = start_proxy(&config(backend)).await;
+        let mut stream = connect(proxy.addr()).await;
+        stream
+            .write_all(upgrade_request("/", "x", &[]).as_bytes())
+            .await
+            .unwrap();
+        let text_head = read_head(&mut stream).await;
+        let head = Head::parse(&text_head);
+        let body = read_until_eof(&mut stream).await;
+        assert_eq!(head.status, 403, "chunked {chunked}: {text_head:?}");
+        assert_eq!(head.get("content-type"), Some("text/html"));
+        assert_eq!(head.get("wsgate-reason"), None);
+        assert_eq!(head.get("connection"), Some("close"));
+        assert_eq!(head.get("transfer-encoding"), None);
+        // A length the backend announced is passed on; a chunked body ends
+        // with the connection instead.
+        let length = (!chunked).then(|| expected.len().to_string());
+        assert_eq!(head.get("content-length"), length.as_deref());
+        assert!(
+            body == expected,
+            "chunked {chunked}: body of {} bytes differs",
+            body.len()
+        );
+        proxy.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn large_backend_refusal_of_a_keep_alive_upgrade_streams_through_hyper() {
+    for chunked in [false, true] {
+        let (answer, expected) = large_refusal(chunked);
+        let (backend, _) = spawn_raw_backend(answer).await;
+        let proxy = start_proxy(&config(backend)).await;
+        let mut stream = connect(proxy.addr()).await;
+        // A first request makes the upgrade hyper's.
+        stream
+            .write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = read_response(&mut stream, "GET").await;
+        assert_eq!((head.status, body.len()), (403, expected.len()));
+        stream
+            .write_all(upgrade_request("/", "x", &[]).as_bytes())
+            .await
+            .unwrap();
+        let (head, body) = read_response(&mut stream, "GET").await;
+        assert_eq!(head.status, 403, "chunked {chunked}: {:?}", head.headers);
+        assert_eq!(head.get("wsgate-reason"), None);
+        let length = (!chunked).then(|| expected.len().to_string());
+        assert_eq!(head.get("content-length"), length.as_deref());
+        assert!(
+            body == expected,
+            "chunked {chunked}: body of {} bytes differs",
+            body.len()
+        );
+        proxy.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn refusal_cut_short_before_what_is_held_is_502_upstream_unavailable() {
     let (backend, _) =
-        spawn_raw_backend(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 70000\r\n\r\n").await;
+        spawn_raw_backend(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 70000\r\n\r\nonly this")
+            .await;
     let proxy = start_proxy(&config(backend)).await;
     let (head, body, _) = exchange(proxy.addr(), &upgrade_request("/", "x", &[])).await;
-    assert_rejected(&head, &body, 502, "upstream-protocol");
+    assert_rejected(&head, &body, 502, "upstream-unavailable");
     proxy.stop().await;
 }
 
