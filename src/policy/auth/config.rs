@@ -12,9 +12,12 @@ use super::jwt::{Keys, Rules};
 use super::token::Locations;
 use super::{AuthPolicy, DEFAULT_FORWARD_TIMEOUT, DEFAULT_LEEWAY, JwtAuth, Mode};
 use crate::config::{RawAuth, resolve};
+use crate::forwarding::FORWARDING;
 
 /// Headers the proxy itself depends on; letting auth set or strip them would
-/// break the request.
+/// break the request. The forwarding headers ([`FORWARDING`]) are reserved
+/// too: the backend reads them as what the proxy vouches for, and a claim
+/// written into one would replace the client's address with a user's.
 const RESERVED: [&str; 14] = [
     "host",
     "connection",
@@ -28,14 +31,17 @@ const RESERVED: [&str; 14] = [
     "origin",
     "cookie",
     "authorization",
-    "forwarded",
+    "proxy-authorization",
     "wsgate-reason",
 ];
 
 fn header_name(text: &str) -> Result<HeaderName, String> {
     let name = HeaderName::from_bytes(text.as_bytes())
         .map_err(|_| format!("{text:?} is not a header name"))?;
-    if RESERVED.contains(&name.as_str()) || name.as_str().starts_with("sec-websocket-") {
+    if RESERVED.contains(&name.as_str())
+        || FORWARDING.contains(&name)
+        || name.as_str().starts_with("sec-websocket-")
+    {
         return Err(format!(
             "{text:?} is a header the proxy manages; choose another name such as \"X-User-Id\""
         ));

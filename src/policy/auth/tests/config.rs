@@ -176,16 +176,23 @@ fn jwt_fields_are_validated() {
         "strip_token",
         "only applies with `token_query`",
     );
-    let reserved = with_secret_env(|raw| {
-        raw.forward_claims
-            .insert("sub".into(), "Authorization".into());
-    });
-    only_problem(
-        &reserved,
-        dir.path(),
-        "forward_claims.sub",
-        "a header the proxy manages",
-    );
+    for managed in [
+        "Authorization",
+        "X-Real-IP",
+        "x-forwarded-for",
+        "Forwarded",
+        "Sec-WebSocket-Key",
+    ] {
+        let reserved = with_secret_env(|raw| {
+            raw.forward_claims.insert("sub".into(), managed.into());
+        });
+        only_problem(
+            &reserved,
+            dir.path(),
+            "forward_claims.sub",
+            "a header the proxy manages",
+        );
+    }
     let nonsense = with_secret_env(|raw| {
         raw.forward_claims.insert("name".into(), "X User".into());
     });
