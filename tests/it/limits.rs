@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::common::*;
 
@@ -175,6 +175,15 @@ fn tls_config(backend: SocketAddr, cert: &TestCert, max_connections: usize) -> S
     )
 }
 
+/// Asks for an upgrade over `tls` and expects the proxy's 503 `overloaded`.
+async fn assert_told_overloaded<S: AsyncRead + AsyncWrite + Unpin>(tls: &mut S) {
+    tls.write_all(upgrade_request("/", "a.test", &[]).as_bytes())
+        .await
+        .unwrap();
+    let (head, body) = read_response(tls, "GET").await;
+    assert_rejected(&head, &String::from_utf8_lossy(&body), 503, "overloaded");
+}
+
 #[tokio::test]
 async fn tls_connection_over_max_connections_gets_503_overloaded_over_tls() {
     let backend = spawn_ws_echo().await;
@@ -183,12 +192,7 @@ async fn tls_connection_over_max_connections_gets_503_overloaded_over_tls() {
     let admin = proxy.admin.unwrap();
     let held = tls_connect(proxy.addr(), "a.test", &cert.cert_pem).await;
     let mut refused = tls_connect(proxy.addr(), "a.test", &cert.cert_pem).await;
-    refused
-        .write_all(upgrade_request("/", "a.test", &[]).as_bytes())
-        .await
-        .unwrap();
-    let (head, body) = read_response(&mut refused, "GET").await;
-    assert_rejected(&head, &String::from_utf8_lossy(&body), 503, "overloaded");
+    assert_told_overloaded(&mut refused).await;
     assert_eq!(
         admin_metric(
             admin,
@@ -238,12 +242,7 @@ async fn tls_refusals_past_their_margin_are_closed_at_accept() {
     )
     .await
     .unwrap();
-    within_margin
-        .write_all(upgrade_request("/", "a.test", &[]).as_bytes())
-        .await
-        .unwrap();
-    let (head, body) = read_response(&mut within_margin, "GET").await;
-    assert_rejected(&head, &String::from_utf8_lossy(&body), 503, "overloaded");
+    assert_told_overloaded(&mut within_margin).await;
     metric_becomes(
         admin,
         "wsgate_rejections_total",
