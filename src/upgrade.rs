@@ -35,8 +35,8 @@ use crate::wire::{self, AnswerError, AnswerHead, SwitchHead};
 pub(crate) enum Answer {
     Switched(Switched),
     /// The backend's own refusal (already counted), hop-by-hop headers
-    /// stripped.
-    Refused(Refusal<UpstreamStream>),
+    /// stripped. Boxed, so the common answer is not moved at its size.
+    Refused(Box<Refusal<UpstreamStream>>),
 }
 
 /// A valid 101 and the connection it came on.
@@ -74,11 +74,20 @@ pub(crate) async fn exchange<F: Fields + ?Sized>(
             let mut buffer = BytesMut::with_capacity(1024);
             match wire::read_response_head(&mut stream, &mut buffer).await? {
                 AnswerHead::Switch(head) => Ok(Ok((head, buffer.freeze()))),
+                // Boxed: a refusal's body reader would otherwise enlarge the
+                // future of every handshake.
                 AnswerHead::Final(head) => {
-                    let mut body = BodyDecoder::new(&head, buffer)?;
-                    let held = body.read_up_to(&mut stream, MAX_HELD_BODY).await?;
-                    let announced_length = BodyDecoder::announced_length(&head);
-                    Ok::<_, AnswerError>(Err((head.into_response(held), announced_length, body)))
+                    Box::pin(async {
+                        let mut body = BodyDecoder::new(&head, buffer)?;
+                        let held = body.read_up_to(&mut stream, MAX_HELD_BODY).await?;
+                        let announced_length = BodyDecoder::announced_length(&head);
+                        Ok::<_, AnswerError>(Err((
+                            head.into_response(held),
+                            announced_length,
+                            body,
+                        )))
+                    })
+                    .await
                 }
             }
         });
@@ -113,11 +122,11 @@ pub(crate) async fn exchange<F: Fields + ?Sized>(
                 stream,
                 read_timeout: timeout,
             });
-            return Ok(Answer::Refused(Refusal {
+            return Ok(Answer::Refused(Box::new(Refusal {
                 response,
                 announced_length,
                 rest,
-            }));
+            })));
         }
     };
     if !head.upgrades_to_websocket {
@@ -189,7 +198,9 @@ pub(crate) async fn serve_direct(
     let (route, switched) = match answer {
         Ok((route, Answer::Switched(switched))) => (route, switched),
         Ok((_, Answer::Refused(refusal))) => {
-            refusal.write_to(&mut io).await;
+            // Boxed, as the reading of it was: a rare path's state would
+            // otherwise enlarge every handshake's future.
+            Box::pin(refusal.write_to(&mut io)).await;
             return None;
         }
         Err(rejection) => {
