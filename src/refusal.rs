@@ -50,27 +50,27 @@ enum Position {
 pub(crate) struct BodyDecoder {
     buffer: BytesMut,
     position: Position,
+    /// The head's `Content-Length`, when that is how the body is framed.
+    announced_length: Option<u64>,
 }
 
 impl BodyDecoder {
     /// The decoder for `head`'s body, whose first bytes are in `buffer`.
     pub(crate) fn new(head: &ResponseHead, buffer: BytesMut) -> Result<BodyDecoder, AnswerError> {
+        let position = framing(head)?;
+        let announced_length = match position {
+            Position::Length(length) => Some(length),
+            _ => None,
+        };
         Ok(BodyDecoder {
             buffer,
-            position: framing(head)?,
+            position,
+            announced_length,
         })
     }
 
     pub(crate) fn is_done(&self) -> bool {
         self.position == Position::Done
-    }
-
-    /// The body's length when the head announced it, in total.
-    pub(crate) fn announced_length(head: &ResponseHead) -> Option<u64> {
-        match framing(head) {
-            Ok(Position::Length(length)) => Some(length),
-            _ => None,
-        }
     }
 
     /// The next piece of the decoded body; `None` once it has ended.
@@ -229,17 +229,17 @@ fn framing(head: &ResponseHead) -> Result<Position, AnswerError> {
 }
 
 /// The rest of a refusal's body, still on the backend's connection.
-pub(crate) struct BodyRest<S> {
-    pub decoder: BodyDecoder,
-    pub stream: S,
+struct BodyRest<S> {
+    decoder: BodyDecoder,
+    stream: S,
     /// How long the backend may go quiet mid-body (the route's
     /// `handshake_timeout`, as for the rest of its answer).
-    pub read_timeout: Duration,
+    read_timeout: Duration,
 }
 
 impl<S: AsyncRead + Unpin> BodyRest<S> {
     /// The next piece; a backend quiet for `read_timeout` is an error.
-    pub(crate) async fn next(&mut self) -> Result<Option<Bytes>, AnswerError> {
+    async fn next(&mut self) -> Result<Option<Bytes>, AnswerError> {
         match tokio::time::timeout(self.read_timeout, self.decoder.next(&mut self.stream)).await {
             Ok(piece) => piece,
             Err(_) => Err(AnswerError::Io(std::io::ErrorKind::TimedOut.into())),
@@ -250,10 +250,33 @@ impl<S: AsyncRead + Unpin> BodyRest<S> {
 /// A refusal to relay: the answer with the body bytes held, and the rest of
 /// the body when it was too long to hold.
 pub(crate) struct Refusal<S> {
-    pub response: Response<Bytes>,
+    response: Response<Bytes>,
     /// The backend's `Content-Length`, kept when the body streams.
-    pub announced_length: Option<u64>,
-    pub rest: Option<BodyRest<S>>,
+    announced_length: Option<u64>,
+    rest: Option<BodyRest<S>>,
+}
+
+impl<S> Refusal<S> {
+    /// `response` carries the body bytes `decoder` produced so far; the rest,
+    /// if any, is still on `stream`.
+    pub(crate) fn new(
+        mut response: Response<Bytes>,
+        decoder: BodyDecoder,
+        stream: S,
+        read_timeout: Duration,
+    ) -> Refusal<S> {
+        // The relayed body is framed afresh: it was decoded and may have been chunked.
+        response.headers_mut().remove(CONTENT_LENGTH);
+        Refusal {
+            response,
+            announced_length: decoder.announced_length,
+            rest: (!decoder.is_done()).then_some(BodyRest {
+                decoder,
+                stream,
+                read_timeout,
+            }),
+        }
+    }
 }
 
 impl<S: AsyncRead + Unpin + Send + Sync + 'static> Refusal<S> {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, ORIGIN};
+use http::header::ORIGIN;
 use http::{Method, Response};
 use tokio::io::AsyncWriteExt;
 
@@ -23,7 +23,7 @@ use crate::head::Prefixed;
 use crate::headers::{self, Fields};
 use crate::policy;
 use crate::proxy::{self, Connection, ProxyBody, RequestFacts};
-use crate::refusal::{BodyDecoder, BodyRest, MAX_HELD_BODY, Refusal};
+use crate::refusal::{BodyDecoder, MAX_HELD_BODY, Refusal};
 use crate::state::Route;
 use crate::tunnel;
 use crate::upgrade_request::UpgradeRequest;
@@ -80,12 +80,7 @@ pub(crate) async fn exchange<F: Fields + ?Sized>(
                     Box::pin(async {
                         let mut body = BodyDecoder::new(&head, buffer)?;
                         let held = body.read_up_to(&mut stream, MAX_HELD_BODY).await?;
-                        let announced_length = BodyDecoder::announced_length(&head);
-                        Ok::<_, AnswerError>(Err((
-                            head.into_response(held),
-                            announced_length,
-                            body,
-                        )))
+                        Ok::<_, AnswerError>(Err((head.into_response(held), body)))
                     })
                     .await
                 }
@@ -112,21 +107,11 @@ pub(crate) async fn exchange<F: Fields + ?Sized>(
             });
         }
         Ok(Ok(Ok(switch))) => switch,
-        Ok(Ok(Err((mut response, announced_length, decoder)))) => {
+        Ok(Ok(Err((mut response, decoder)))) => {
             headers::strip_hop_by_hop(response.headers_mut(), false);
-            // The relayed body is framed afresh: it was decoded and may have been chunked.
-            response.headers_mut().remove(CONTENT_LENGTH);
             route.metrics.rejected.inc();
-            let rest = (!decoder.is_done()).then_some(BodyRest {
-                decoder,
-                stream,
-                read_timeout: timeout,
-            });
-            return Ok(Answer::Refused(Box::new(Refusal {
-                response,
-                announced_length,
-                rest,
-            })));
+            let refusal = Refusal::new(response, decoder, stream, timeout);
+            return Ok(Answer::Refused(Box::new(refusal)));
         }
     };
     if !head.upgrades_to_websocket {

@@ -23,8 +23,10 @@ fn args(flags: &[&str]) -> LoadArgs {
     }
 }
 
-async fn run(flags: &[&str]) -> LoadReport {
-    execute(&args(flags)).await.expect("load run")
+/// Runs `wsgate load` with `flags` written as on a command line.
+async fn run(flags: &str) -> LoadReport {
+    let flags: Vec<&str> = flags.split_whitespace().collect();
+    execute(&args(&flags)).await.expect("load run")
 }
 
 async fn listen() -> (TcpListener, SocketAddr) {
@@ -155,18 +157,9 @@ fn only_status(report: &LoadReport, status: u16, count: u64) {
 async fn echo_mode_checks_every_message_and_reconnects() {
     let addr = spawn_echo().await;
     let url = format!("ws://{addr}/echo");
-    let report = run(&[
-        "--url",
-        &url,
-        "--mode",
-        "echo",
-        "--connections",
-        "4",
-        "--messages",
-        "10",
-        "--duration",
-        "700ms",
-    ])
+    let report = run(&format!(
+        "--url {url} --mode echo --connections 4 --messages 10 --duration 700ms"
+    ))
     .await;
     let h = &report.handshakes;
     assert!(h.succeeded >= 4, "{report}");
@@ -196,22 +189,7 @@ async fn echo_mode_checks_every_message_and_reconnects() {
 async fn bulk_with_messages_in_flight() {
     let addr = spawn_echo().await;
     let url = format!("ws://{addr}/");
-    let report = run(&[
-        "--url",
-        &url,
-        "--mode",
-        "bulk",
-        "--connections",
-        "2",
-        "--messages",
-        "8",
-        "--in-flight",
-        "4",
-        "--message-size",
-        "300000",
-        "--duration",
-        "700ms",
-    ])
+    let report = run(&format!("--url {url} --mode bulk --connections 2 --messages 8 --in-flight 4 --message-size 300000 --duration 700ms"))
     .await;
     let m = &report.messages;
     assert!(m.sent >= 16, "{report}");
@@ -224,18 +202,9 @@ async fn bulk_with_messages_in_flight() {
 async fn hold_mode_opens_each_connection_once() {
     let addr = spawn_echo().await;
     let url = format!("ws://{addr}");
-    let report = run(&[
-        "--url",
-        &url,
-        "--connections",
-        "20",
-        "--messages",
-        "3",
-        "--mode",
-        "hold",
-        "--duration",
-        "500ms",
-    ])
+    let report = run(&format!(
+        "--url {url} --connections 20 --messages 3 --mode hold --duration 500ms"
+    ))
     .await;
     assert_eq!(report.handshakes.attempted, 20, "{report}");
     assert_eq!(report.handshakes.succeeded, 20, "{report}");
@@ -249,18 +218,9 @@ async fn hold_mode_opens_each_connection_once() {
 async fn handshake_mode_respects_rate() {
     let addr = spawn_echo().await;
     let url = format!("ws://{addr}/");
-    let report = run(&[
-        "--url",
-        &url,
-        "--mode",
-        "handshake",
-        "--connections",
-        "4",
-        "--rate",
-        "50",
-        "--duration",
-        "1s",
-    ])
+    let report = run(&format!(
+        "--url {url} --mode handshake --connections 4 --rate 50 --duration 1s"
+    ))
     .await;
     // 50/s over one second: slots at 0, 20 ms, … 980 ms.
     let h = &report.handshakes;
@@ -275,7 +235,7 @@ async fn handshake_mode_respects_rate() {
 async fn forbidden_status_is_counted_and_headers_are_sent() {
     let (addr, mut heads) = spawn_raw("HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n").await;
     let url = format!("ws://{addr}/chat?room=1");
-    let report = run(&[
+    let report = execute(&args(&[
         "--url",
         &url,
         "--connections",
@@ -288,8 +248,9 @@ async fn forbidden_status_is_counted_and_headers_are_sent() {
         "X-Test: yes",
         "--header",
         "Sec-WebSocket-Version: 8",
-    ])
-    .await;
+    ]))
+    .await
+    .expect("load run");
     assert_eq!(report.handshakes.attempted, 3, "{report}");
     assert_eq!(report.handshakes.succeeded, 0, "{report}");
     assert_eq!(report.failures.http_status, 3, "{report}");
@@ -317,7 +278,7 @@ async fn closed_port_counts_connect_refused() {
     let (listener, addr) = listen().await;
     drop(listener);
     let url = format!("ws://{addr}/");
-    let report = run(&["--url", &url, "--connections", "2", "--duration", "300ms"]).await;
+    let report = run(&format!("--url {url} --connections 2 --duration 300ms")).await;
     assert_eq!(report.handshakes.attempted, 2, "{report}");
     assert_eq!(report.failures.connect_refused, 2, "{report}");
     assert_eq!(report.handshakes.succeeded, 0, "{report}");
@@ -331,16 +292,9 @@ async fn silent_server_is_a_timeout_and_the_run_still_ends() {
     let (_listener, addr) = listen().await;
     let url = format!("ws://{addr}/");
     let started = std::time::Instant::now();
-    let report = run(&[
-        "--url",
-        &url,
-        "--connections",
-        "2",
-        "--duration",
-        "300ms",
-        "--timeout",
-        "500ms",
-    ])
+    let report = run(&format!(
+        "--url {url} --connections 2 --duration 300ms --timeout 500ms"
+    ))
     .await;
     assert_eq!(report.failures.timeout, 2, "{report}");
     assert_eq!(report.handshakes.succeeded, 0, "{report}");
@@ -354,19 +308,9 @@ async fn silent_server_is_a_timeout_and_the_run_still_ends() {
 async fn wss_with_insecure_accepts_a_self_signed_certificate() {
     let front = spawn_tls_front(spawn_echo().await).await;
     let url = format!("wss://localhost:{}/", front.port());
-    let report = run(&[
-        "--url",
-        &url,
-        "--insecure",
-        "--mode",
-        "echo",
-        "--connections",
-        "2",
-        "--messages",
-        "5",
-        "--duration",
-        "500ms",
-    ])
+    let report = run(&format!(
+        "--url {url} --insecure --mode echo --connections 2 --messages 5 --duration 500ms"
+    ))
     .await;
     assert!(report.handshakes.succeeded >= 2, "{report}");
     assert_eq!(report.handshakes.failed, 0, "{report}");
@@ -375,7 +319,7 @@ async fn wss_with_insecure_accepts_a_self_signed_certificate() {
     assert!(report.passed(), "{report}");
 
     // Without --insecure the unknown issuer is a TLS failure.
-    let report = run(&["--url", &url, "--connections", "2", "--duration", "300ms"]).await;
+    let report = run(&format!("--url {url} --connections 2 --duration 300ms")).await;
     assert_eq!(report.failures.tls, 2, "{report}");
     assert_eq!(report.handshakes.succeeded, 0, "{report}");
 }
@@ -389,16 +333,9 @@ async fn corrupted_echo_is_a_mismatch() {
     })
     .await;
     let url = format!("ws://{addr}/");
-    let report = run(&[
-        "--url",
-        &url,
-        "--connections",
-        "2",
-        "--messages",
-        "5",
-        "--duration",
-        "300ms",
-    ])
+    let report = run(&format!(
+        "--url {url} --connections 2 --messages 5 --duration 300ms"
+    ))
     .await;
     assert!(report.errors.echo_mismatch >= 2, "{report}");
     assert_eq!(report.messages.received, 0, "{report}");
@@ -409,7 +346,7 @@ async fn corrupted_echo_is_a_mismatch() {
 async fn a_dropped_tunnel_is_closed_early() {
     let addr = spawn_ws(|ws| async move { drop(ws) }).await;
     let url = format!("ws://{addr}/");
-    let report = run(&["--url", &url, "--connections", "3", "--duration", "500ms"]).await;
+    let report = run(&format!("--url {url} --connections 3 --duration 500ms")).await;
     assert_eq!(report.handshakes.succeeded, 3, "{report}");
     assert_eq!(report.errors.closed_early, 3, "{report}");
     assert!(!report.passed());
@@ -464,20 +401,7 @@ async fn contradictory_modes_are_refused() {
 async fn message_rate_caps_echoes_on_connections_that_stay_open() {
     let addr = spawn_echo().await;
     let url = format!("ws://{addr}/");
-    let report = run(&[
-        "--url",
-        &url,
-        "--mode",
-        "echo",
-        "--connections",
-        "4",
-        "--message-rate",
-        "200",
-        "--messages",
-        "1000000000",
-        "--duration",
-        "1s",
-    ])
+    let report = run(&format!("--url {url} --mode echo --connections 4 --message-rate 200 --messages 1000000000 --duration 1s"))
     .await;
     // 200/s for 1 s; each connection may be one slot and one in-flight echo
     // off at the edges.
@@ -503,18 +427,9 @@ async fn message_rate_caps_echoes_on_connections_that_stay_open() {
 async fn message_rate_holds_across_reconnects() {
     let addr = spawn_echo().await;
     let url = format!("ws://{addr}/");
-    let report = run(&[
-        "--url",
-        &url,
-        "--connections",
-        "4",
-        "--message-rate",
-        "200",
-        "--messages",
-        "5",
-        "--duration",
-        "500ms",
-    ])
+    let report = run(&format!(
+        "--url {url} --connections 4 --message-rate 200 --messages 5 --duration 500ms"
+    ))
     .await;
     let m = &report.messages;
     assert!((25..=100 + 4 + 1).contains(&m.received), "{report}");
@@ -538,16 +453,9 @@ async fn paced_round_trip_counts_from_the_slot_a_slow_echo_held_back() {
     // actual send a round trip would be ~50 ms; from when the sender woke for
     // the slot ~100 ms (the window counted, the missed slot not); from the
     // scheduled slot 130-150 ms.
-    let report = run(&[
-        "--url",
-        &url,
-        "--message-rate",
-        "50",
-        "--messages",
-        "1000000000",
-        "--duration",
-        "800ms",
-    ])
+    let report = run(&format!(
+        "--url {url} --message-rate 50 --messages 1000000000 --duration 800ms"
+    ))
     .await;
     let rtt = report.echo_rtt_ms.as_ref().expect("rtt samples");
     assert!(rtt.p50 >= 115.0, "{report}");
@@ -600,16 +508,8 @@ fn the_binary_exits_with_an_error_naming_message_rate() {
 async fn no_tls_resume_makes_every_handshake_a_full_one() {
     let (front, resumed) = spawn_counting_tls_front(spawn_echo().await).await;
     let url = format!("wss://localhost:{}/", front.port());
-    let args = [
-        "--url",
-        &url,
-        "--insecure",
-        "--mode",
-        "handshake",
-        "--duration",
-        "400ms",
-    ];
-    let report = run(&args).await;
+    let flags = format!("--url {url} --insecure --mode handshake --duration 400ms");
+    let report = run(&flags).await;
     assert!(report.handshakes.succeeded >= 3, "{report}");
     let resumed_by_default = resumed.swap(0, std::sync::atomic::Ordering::Relaxed);
     assert!(
@@ -617,7 +517,7 @@ async fn no_tls_resume_makes_every_handshake_a_full_one() {
         "the client never resumed: {report}"
     );
 
-    let report = run(&[&args[..], &["--no-tls-resume"]].concat()).await;
+    let report = run(&format!("{flags} --no-tls-resume")).await;
     assert!(report.handshakes.succeeded >= 3, "{report}");
     assert_eq!(
         resumed.load(std::sync::atomic::Ordering::Relaxed),
