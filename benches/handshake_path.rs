@@ -24,8 +24,8 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use wsgate::config::RouteConfig;
-use wsgate::forwarding::{self, Hop};
 use wsgate::headers;
+use wsgate::headers::forwarding::{self, Hop};
 use wsgate::policy::origin::{self, OriginPattern};
 use wsgate::router;
 

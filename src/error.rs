@@ -7,6 +7,32 @@
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 
+use crate::upstream::ConnectError;
+
+/// Who a refused handshake is blamed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Refused by policy or for the request's own fault.
+    Rejected,
+    /// The backend could not be reached, was too slow, or answered wrongly.
+    UpstreamError,
+}
+
+/// A connect failure is the upstream's: a timeout is 504, the rest 502.
+impl From<&ConnectError> for Rejection {
+    fn from(error: &ConnectError) -> Rejection {
+        if error.is_timeout() {
+            Rejection::UpstreamTimeout {
+                detail: error.to_string(),
+            }
+        } else {
+            Rejection::UpstreamUnavailable {
+                detail: error.to_string(),
+            }
+        }
+    }
+}
+
 /// A refusal the proxy answers itself. Details are for the person debugging and
 /// never contain a secret (tokens are not echoed).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +61,11 @@ pub enum Rejection {
         offered: String,
     },
     BadHandshake {
+        detail: &'static str,
+    },
+    /// A request that is not valid HTTP for a proxy to pass on (an invalid
+    /// target, say): `bad-request`, as the contract names it.
+    BadRequest {
         detail: &'static str,
     },
     BadVersion {
@@ -80,9 +111,9 @@ impl Rejection {
             Rejection::TokenMissing { .. } | Rejection::TokenInvalid { .. } => {
                 StatusCode::UNAUTHORIZED
             }
-            Rejection::SubprotocolForbidden { .. } | Rejection::BadHandshake { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            Rejection::SubprotocolForbidden { .. }
+            | Rejection::BadHandshake { .. }
+            | Rejection::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Rejection::BadVersion { .. } | Rejection::UpgradeRequired => {
                 StatusCode::UPGRADE_REQUIRED
             }
@@ -110,6 +141,7 @@ impl Rejection {
             Rejection::ScopeMissing { .. } => "scope-missing",
             Rejection::SubprotocolForbidden { .. } => "subprotocol-forbidden",
             Rejection::BadHandshake { .. } => "bad-handshake",
+            Rejection::BadRequest { .. } => "bad-request",
             Rejection::BadVersion { .. } => "bad-version",
             Rejection::UpgradeRequired => "upgrade-required",
             Rejection::WebSocketForbidden => "websocket-forbidden",
@@ -120,6 +152,34 @@ impl Rejection {
             Rejection::UpstreamProtocol { .. } => "upstream-protocol",
             Rejection::AuthDenied { .. } => "auth-denied",
             Rejection::AuthUnavailable { .. } => "auth-unavailable",
+        }
+    }
+
+    /// Who failed, for `wsgate_handshakes_total`'s outcome: the backend (or
+    /// the way to it), or the client's request. Exhaustive on purpose, like
+    /// [`Rejection::status`].
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Rejection::UpstreamUnavailable { .. }
+            | Rejection::UpstreamTimeout { .. }
+            | Rejection::UpstreamProtocol { .. } => Outcome::UpstreamError,
+            Rejection::NoRoute { .. }
+            | Rejection::IpForbidden { .. }
+            | Rejection::OriginForbidden { .. }
+            | Rejection::OriginMissing
+            | Rejection::TokenMissing { .. }
+            | Rejection::TokenInvalid { .. }
+            | Rejection::ScopeMissing { .. }
+            | Rejection::SubprotocolForbidden { .. }
+            | Rejection::BadHandshake { .. }
+            | Rejection::BadRequest { .. }
+            | Rejection::BadVersion { .. }
+            | Rejection::UpgradeRequired
+            | Rejection::WebSocketForbidden
+            | Rejection::HeaderTooLarge { .. }
+            | Rejection::Overloaded
+            | Rejection::AuthDenied { .. }
+            | Rejection::AuthUnavailable { .. } => Outcome::Rejected,
         }
     }
 
@@ -149,6 +209,7 @@ impl Rejection {
             Rejection::BadHandshake { detail } => {
                 format!("not a valid WebSocket handshake: {detail}")
             }
+            Rejection::BadRequest { detail } => format!("not a valid request: {detail}"),
             Rejection::BadVersion { version } => {
                 format!("Sec-WebSocket-Version {version:?} is not supported; only 13 is")
             }

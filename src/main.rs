@@ -31,7 +31,7 @@ enum Command {
     /// Echo backend + proxy with TLS + a scripted run through it, in one process.
     Demo,
     /// Load-test WebSocket upgrade passthrough.
-    Load(wsgate::load::LoadArgs),
+    Load(wsgate::tools::load::LoadArgs),
     /// Write a self-signed development certificate and key (ECDSA P-256).
     Cert(CertArgs),
     /// Run a WebSocket echo backend (for trying wsgate out and for benchmarks).
@@ -103,19 +103,19 @@ fn main() -> ExitCode {
                 None => unreachable!("`run` loaded its config above"),
             },
             Command::Check(args) => Ok(check(&args.config)),
-            Command::Demo => wsgate::demo::run().await.map(|passed| {
+            Command::Demo => wsgate::tools::demo::run().await.map(|passed| {
                 if passed {
                     ExitCode::SUCCESS
                 } else {
                     ExitCode::FAILURE
                 }
             }),
-            Command::Load(args) => wsgate::load::run(args).await,
+            Command::Load(args) => wsgate::tools::load::run(args).await,
             Command::Cert(args) => write_certificate(&args).map(|()| ExitCode::SUCCESS),
             Command::Echo { listen } => {
                 let listener = tokio::net::TcpListener::bind(listen).await?;
                 eprintln!("echo backend listening on ws://{}", listener.local_addr()?);
-                wsgate::echo::serve(listener).await;
+                wsgate::tools::echo::serve(listener).await;
                 Ok(ExitCode::SUCCESS)
             }
         }

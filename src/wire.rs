@@ -5,7 +5,7 @@
 //! CPU than everything else in a plaintext handshake (a dispatcher and its
 //! channels per side, the head parsed twice, header-case maps, the upgrade
 //! hand-over), so the upgrade path reads and writes its heads with
-//! `httparse`: the client's request in [`crate::upgrade_request`], the rest
+//! `httparse`: the client's request in [`crate::ws::request`], the rest
 //! here. Plain HTTP stays with hyper, and so does any first request the
 //! upgrade path declines to parse: hyper then answers it as it would have
 //! anyway.
@@ -17,7 +17,6 @@ use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::error::Rejection;
 use crate::headers;
 
 /// More fields than this in one head is left to hyper (request) or refused
@@ -103,11 +102,6 @@ pub(crate) async fn write_final_response<IO: AsyncWrite + Unpin>(
         io.shutdown().await
     };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), write).await;
-}
-
-/// [`write_final_response`] for one of our own refusals.
-pub(crate) async fn write_rejection<IO: AsyncWrite + Unpin>(io: &mut IO, rejection: Rejection) {
-    write_final_response(io, &rejection.into_response()).await;
 }
 
 /// A complete response that ends the connection: status line, headers, an
@@ -339,7 +333,7 @@ mod tests {
         match read_response_head(&mut stream, &mut buffer).await? {
             AnswerHead::Switch(head) => Ok((AnswerHead::Switch(head), Bytes::new(), buffer)),
             AnswerHead::Final(head) => {
-                let mut decoder = crate::refusal::BodyDecoder::new(&head, buffer)?;
+                let mut decoder = crate::ws::refusal::BodyDecoder::new(&head, buffer)?;
                 let body = decoder.read_up_to(&mut stream, usize::MAX).await?;
                 Ok((AnswerHead::Final(head), body, BytesMut::new()))
             }

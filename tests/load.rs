@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
-use wsgate::load::{LoadArgs, LoadReport, execute};
+use wsgate::tools::load::{LoadArgs, LoadReport, execute};
 
 fn args(flags: &[&str]) -> LoadArgs {
     let argv = std::iter::once("wsgate-load").chain(flags.iter().copied());
@@ -37,7 +37,7 @@ async fn listen() -> (TcpListener, SocketAddr) {
 
 async fn spawn_echo() -> SocketAddr {
     let (listener, addr) = listen().await;
-    tokio::spawn(wsgate::echo::serve(listener));
+    tokio::spawn(wsgate::tools::echo::serve(listener));
     addr
 }
 

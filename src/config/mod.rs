@@ -5,8 +5,9 @@
 //! TOML key path, so `wsgate check` can list them all at once. The engine only
 //! ever sees [`Config`], never TOML.
 
+pub(crate) mod auth;
 mod keys;
-mod raw;
+pub(crate) mod raw;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -20,8 +21,6 @@ use ipnet::IpNet;
 use crate::policy::auth::AuthPolicy;
 use crate::policy::origin::OriginPattern;
 use crate::tls::CertPair;
-
-pub use raw::RawAuth;
 
 /// One problem in the config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -686,7 +685,7 @@ fn validate_route(
     let auth = raw
         .auth
         .as_ref()
-        .and_then(|auth| AuthPolicy::from_raw(auth, base, &format!("{key}.auth"), problems))
+        .and_then(|auth| auth::auth_policy(auth, base, &format!("{key}.auth"), problems))
         .map(Arc::new);
 
     let name = raw

@@ -36,9 +36,9 @@ const PASSED_ON: [HeaderName; 7] = [
 
 /// A relayed 401/403 body is cut here: it goes to the client, and an auth
 /// service should not be able to make us buffer without bound.
-pub(super) const MAX_BODY: usize = 64 * 1024;
+pub(crate) const MAX_BODY: usize = 64 * 1024;
 
-pub(super) struct ForwardAuth {
+pub(crate) struct ForwardAuth {
     url: Uri,
     timeout: Duration,
     /// Headers of a 2xx answer copied onto the upstream request (e.g. `X-User`).

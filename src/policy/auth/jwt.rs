@@ -20,14 +20,14 @@ use serde_json::{Map, Value};
 
 /// A key and the only algorithms a token verified with it may use.
 #[derive(Debug)]
-pub(super) struct PinnedKey {
+pub(crate) struct PinnedKey {
     key: DecodingKey,
     algorithms: Vec<Algorithm>,
 }
 
 /// Where the verifying key comes from.
 #[derive(Debug)]
-pub(super) enum Keys {
+pub(crate) enum Keys {
     /// `jwt_secret_env`, `jwt_secret_file` or `jwt_public_key`.
     Single(PinnedKey),
     /// `jwks_file`: chosen by the token's `kid` (or the only key when it has none).
@@ -36,7 +36,7 @@ pub(super) enum Keys {
 
 /// The claim checks after the signature.
 #[derive(Debug)]
-pub(super) struct Rules {
+pub(crate) struct Rules {
     pub issuer: Option<String>,
     pub audience: Option<String>,
     /// Allowed clock skew for `exp` and `nbf`, in seconds.

@@ -12,18 +12,15 @@
 //!
 //! Tokens, cookies and secrets are never logged nor echoed in a reason.
 
-mod config;
-mod forward;
-mod jwt;
-mod token;
+pub(crate) mod forward;
+pub(crate) mod jwt;
+pub(crate) mod token;
 
-use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 
-use crate::config::{Problems, RawAuth};
 use crate::error::Rejection;
 
 use forward::ForwardAuth;
@@ -36,28 +33,28 @@ pub const DEFAULT_FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 /// A route's validated `[route.auth]`.
 #[derive(Debug)]
 pub struct AuthPolicy {
-    mode: Mode,
+    pub(crate) mode: Mode,
     /// Every header name this policy sets upstream; a client-sent copy would
     /// be taken as our word by the backend, so it is always removed.
-    spoofable: Vec<HeaderName>,
+    pub(crate) spoofable: Vec<HeaderName>,
 }
 
 #[derive(Debug)]
-enum Mode {
+pub(crate) enum Mode {
     Jwt(JwtAuth),
     Forward(ForwardAuth),
 }
 
 #[derive(Debug)]
-struct JwtAuth {
-    keys: Keys,
-    rules: Rules,
-    locations: Locations,
-    required_scope: Option<String>,
+pub(crate) struct JwtAuth {
+    pub(crate) keys: Keys,
+    pub(crate) rules: Rules,
+    pub(crate) locations: Locations,
+    pub(crate) required_scope: Option<String>,
     /// claim → header on the upstream request.
-    forward_claims: Vec<(String, HeaderName)>,
+    pub(crate) forward_claims: Vec<(String, HeaderName)>,
     /// Remove `token_query` from the URI before forwarding.
-    strip_token: bool,
+    pub(crate) strip_token: bool,
 }
 
 /// What a passed check adds to the upstream request.
@@ -69,26 +66,6 @@ pub struct AuthGrant {
 }
 
 impl AuthPolicy {
-    /// Validates `[route.auth]`; `key` is the TOML key path prefix, e.g.
-    /// `route[2].auth`. Records every problem and returns `None` if any.
-    /// `base` is the config file's folder (relative paths resolve against it).
-    pub fn from_raw(
-        raw: &RawAuth,
-        base: &Path,
-        key: &str,
-        problems: &mut Problems,
-    ) -> Option<AuthPolicy> {
-        match config::build(raw, base, key) {
-            Ok(policy) => Some(policy),
-            Err(found) => {
-                for (key, message) in found {
-                    problems.add(key, message);
-                }
-                None
-            }
-        }
-    }
-
     /// Runs the token check (or the forward-auth subrequest) for a request.
     pub async fn check(&self, parts: &Parts) -> Result<AuthGrant, Rejection> {
         match &self.mode {

@@ -7,14 +7,14 @@ use http::request::Parts;
 
 /// The configured places to look, besides the always-checked `Authorization`.
 #[derive(Debug, Clone, Default)]
-pub(super) struct Locations {
+pub(crate) struct Locations {
     pub query: Option<String>,
     pub cookie: Option<String>,
 }
 
 /// Which location a token came from; `strip_token` only concerns the query.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Source {
+pub(crate) enum Source {
     Query,
     Cookie,
     Header,

@@ -15,8 +15,9 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256, PKCS_ED25519};
 use serde_json::{Value, json};
 
-use super::config::build;
 use super::*;
+use crate::config::auth::build;
+use crate::config::raw::RawAuth;
 
 const NOW: u64 = 1_750_000_000;
 

@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use http::{HeaderName, Uri};
 
-use super::forward::ForwardAuth;
-use super::jwt::{Keys, Rules};
-use super::token::Locations;
-use super::{AuthPolicy, DEFAULT_FORWARD_TIMEOUT, DEFAULT_LEEWAY, JwtAuth, Mode};
-use crate::config::{RawAuth, resolve};
-use crate::forwarding::FORWARDING;
+use super::raw::RawAuth;
+use super::{Problems, resolve};
+use crate::headers::forwarding::FORWARDING;
+use crate::policy::auth::forward::ForwardAuth;
+use crate::policy::auth::jwt::{Keys, Rules};
+use crate::policy::auth::token::Locations;
+use crate::policy::auth::{AuthPolicy, DEFAULT_FORWARD_TIMEOUT, DEFAULT_LEEWAY, JwtAuth, Mode};
 
 /// Headers the proxy itself depends on; letting auth set or strip them would
 /// break the request. The forwarding headers ([`FORWARDING`]) are reserved
@@ -49,9 +50,29 @@ fn header_name(text: &str) -> Result<HeaderName, String> {
     Ok(name)
 }
 
-/// The validation behind [`AuthPolicy::from_raw`], as a list of (key, message)
-/// so it can be tested on its own.
-pub(super) fn build(
+/// Validates `[route.auth]`; `key` is the TOML key path prefix, e.g.
+/// `route[2].auth`. Records every problem and returns `None` if any.
+/// `base` is the config file's folder (relative paths resolve against it).
+pub(super) fn auth_policy(
+    raw: &RawAuth,
+    base: &Path,
+    key: &str,
+    problems: &mut Problems,
+) -> Option<AuthPolicy> {
+    match build(raw, base, key) {
+        Ok(policy) => Some(policy),
+        Err(found) => {
+            for (key, message) in found {
+                problems.add(key, message);
+            }
+            None
+        }
+    }
+}
+
+/// The validation behind [`auth_policy`], as a list of (key, message) so it
+/// can be tested on its own.
+pub(crate) fn build(
     raw: &RawAuth,
     base: &Path,
     key: &str,

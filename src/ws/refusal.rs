@@ -18,8 +18,8 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::body::{self, BoxError, ProxyBody};
 use crate::headers;
-use crate::proxy::{self, BoxError, ProxyBody};
 use crate::wire::{self, AnswerError, ResponseHead};
 
 /// Body bytes held before a refusal is streamed instead.
@@ -311,7 +311,7 @@ impl<S: AsyncRead + Unpin + Send + Sync + 'static> Refusal<S> {
     pub(crate) fn into_response(self) -> Response<ProxyBody> {
         let (mut parts, held) = self.response.into_parts();
         let Some(rest) = self.rest else {
-            return Response::from_parts(parts, proxy::full(held));
+            return Response::from_parts(parts, body::full(held));
         };
         if let Some(length) = self.announced_length {
             parts

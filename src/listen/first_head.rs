@@ -5,16 +5,13 @@
 //! lets us refuse it properly, enforces `header_timeout` on it exactly, and
 //! lets a WebSocket upgrade be served from these bytes without hyper
 //! ([`crate::wire`]). Otherwise they are replayed to hyper through
-//! [`Prefixed`]. Later requests on a keep-alive connection are bounded by
+//! [`crate::stream::Prefixed`]. Later requests on a keep-alive connection are bounded by
 //! hyper's buffer and the proxy's own head-size check.
 
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 pub enum FirstHead {
     /// Everything read so far: the head and possibly the start of a body.
@@ -57,106 +54,10 @@ pub async fn read_first_head<S: AsyncRead + Unpin>(
         .unwrap_or(FirstHead::TimedOut)
 }
 
-/// A stream that yields `prefix` before reading from `inner`.
-pub struct Prefixed<S> {
-    prefix: Bytes,
-    inner: S,
-}
-
-impl<S> Prefixed<S> {
-    pub fn new(prefix: Bytes, inner: S) -> Prefixed<S> {
-        // An empty `Bytes` can still hold its whole buffer alive (hyper's
-        // read buffer, say): keep none for the life of a tunnel.
-        let prefix = if prefix.is_empty() {
-            Bytes::new()
-        } else {
-            prefix
-        };
-        Prefixed { prefix, inner }
-    }
-
-    /// Puts `earlier` in front of what is still unread: hyper read those bytes
-    /// (from this stream) before the upgrade, so they come first.
-    pub(crate) fn with_more_in_front(self, earlier: Bytes) -> Prefixed<S> {
-        let (rest, inner) = (self.prefix, self.inner);
-        let prefix = match (earlier.is_empty(), rest.is_empty()) {
-            (_, true) => earlier,
-            (true, false) => rest,
-            (false, false) => {
-                let mut joined = bytes::BytesMut::with_capacity(earlier.len() + rest.len());
-                joined.extend_from_slice(&earlier);
-                joined.extend_from_slice(&rest);
-                joined.freeze()
-            }
-        };
-        Prefixed::new(prefix, inner)
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.prefix.is_empty() {
-            return Pin::new(&mut this.inner).poll_read(cx, buf);
-        }
-        let count = this.prefix.len().min(buf.remaining());
-        buf.put_slice(&this.prefix[..count]);
-        this.prefix.advance(count);
-        if this.prefix.is_empty() {
-            // Release the head buffer now, not when the connection ends.
-            this.prefix = Bytes::new();
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-impl<S: crate::tunnel::HoldForFin + Unpin> crate::tunnel::HoldForFin for Prefixed<S> {
-    fn poll_write_held(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_held(cx, buf)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stream::Prefixed;
 
     #[tokio::test]
     async fn head_split_across_reads_is_found_and_replayed() {

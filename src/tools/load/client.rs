@@ -300,4 +300,4 @@ pub(super) enum Conn {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
-crate::upgraded::delegate_async_io!(Conn { Plain, Tls });
+crate::stream::delegate_async_io!(Conn { Plain, Tls });

@@ -18,6 +18,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+pub(crate) mod health;
+
 use crate::config::{Balance, UpstreamConfig};
 
 /// Why no backend connection could be made.
@@ -140,10 +142,7 @@ impl Upstream {
             }
         });
         if let Some(check) = upstream.config.health_check.clone() {
-            tokio::spawn(crate::health::check_forever(
-                Arc::downgrade(&upstream),
-                check,
-            ));
+            tokio::spawn(health::check_forever(Arc::downgrade(&upstream), check));
         }
         Ok(upstream)
     }
@@ -363,14 +362,14 @@ impl AsyncWrite for UpstreamStream {
     }
 }
 
-crate::upgraded::delegate_async_io!(StreamKind { Plain, Tls });
+crate::stream::delegate_async_io!(StreamKind { Plain, Tls });
 
-impl crate::tunnel::HoldForFin for UpstreamStream {
+impl crate::stream::HoldForFin for UpstreamStream {
     fn poll_write_held(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        crate::tunnel::HoldForFin::poll_write_held(Pin::new(&mut self.get_mut().io), cx, buf)
+        crate::stream::HoldForFin::poll_write_held(Pin::new(&mut self.get_mut().io), cx, buf)
     }
 }

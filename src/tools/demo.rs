@@ -14,8 +14,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::config::Config;
-use crate::echo::HEADERS_PROBE;
-use crate::server::Proxy;
+use crate::listen::Proxy;
+use crate::tools::echo::HEADERS_PROBE;
 
 const ALLOWED_ORIGIN: &str = "https://app.example.com";
 const FORBIDDEN_ORIGIN: &str = "https://evil.example.net";
@@ -37,7 +37,7 @@ pub async fn run() -> anyhow::Result<bool> {
 
     let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let backend_addr = backend.local_addr()?;
-    tokio::spawn(crate::echo::serve(backend));
+    tokio::spawn(crate::tools::echo::serve(backend));
 
     let config_text = demo_config(backend_addr);
     let config = Config::parse(&config_text, &workdir).map_err(|problems| {

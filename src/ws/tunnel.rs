@@ -14,9 +14,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use crate::stream::HoldForFin;
 
 /// `ready!` that also propagates the error as `Poll::Ready(Err)`.
 macro_rules! ready_or_return {
@@ -276,55 +278,6 @@ fn gather<R: AsyncRead + ?Sized>(
             Poll::Ready(Err(error)) => return ReadEnd::Failed(error),
             Poll::Pending => return ReadEnd::Pending,
         }
-    }
-}
-
-/// A writer that can hold bytes for a FIN that follows at once, so both
-/// leave in one segment. On loopback every segment costs the sender the
-/// receiver's processing too, so a closing direction costs several µs less.
-pub trait HoldForFin: AsyncWrite {
-    /// Writes `buf`, to be followed by `poll_shutdown` without any other write.
-    fn poll_write_held(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.poll_write(cx, buf)
-    }
-}
-
-/// `MSG_MORE` keeps the bytes queued (despite `TCP_NODELAY`) until the
-/// shutdown pushes them out with the FIN.
-impl HoldForFin for tokio::net::TcpStream {
-    fn poll_write_held(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let tcp = self.get_mut();
-        let socket: &tokio::net::TcpStream = tcp;
-        let held = socket.try_io(tokio::io::Interest::WRITABLE, || {
-            socket2::SockRef::from(socket).send_with_flags(buf, libc::MSG_MORE | libc::MSG_NOSIGNAL)
-        });
-        match held {
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                Pin::new(tcp).poll_write(cx, buf)
-            }
-            done => Poll::Ready(done),
-        }
-    }
-}
-
-// A TLS session writes its close_notify between the bytes and the FIN anyway.
-impl<S: AsyncRead + AsyncWrite + Unpin> HoldForFin for tokio_rustls::server::TlsStream<S> {}
-impl<S: AsyncRead + AsyncWrite + Unpin> HoldForFin for tokio_rustls::client::TlsStream<S> {}
-impl<T: HoldForFin + Unpin + ?Sized> HoldForFin for Box<T> {
-    fn poll_write_held(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut **self.get_mut()).poll_write_held(cx, buf)
     }
 }
 

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderName, HeaderValue, Method, Uri, Version};
 
-use crate::forwarding::{self, FORWARDING, FieldSink, Hop};
+use crate::headers::forwarding::{self, FORWARDING, FieldSink, Hop};
 use crate::headers::{self, Fields, HOP_BY_HOP};
 use crate::policy::SEC_WEBSOCKET_PROTOCOL;
 use crate::wire::{self, MAX_HEADERS, push_field};

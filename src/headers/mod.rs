@@ -1,8 +1,10 @@
 //! Header rules on the way to the backend: hop-by-hop stripping, WebSocket
 //! upgrade detection and client-IP resolution, over any request head's
 //! [`Fields`]: hyper's `HeaderMap`, or the spans of an upgrade request read
-//! off the wire ([`crate::upgrade_request`]). The forwarding headers the
-//! proxy adds are [`crate::forwarding`]'s.
+//! off the wire ([`crate::ws::request`]). The forwarding headers the
+//! proxy adds are [`forwarding`]'s.
+
+pub mod forwarding;
 
 use std::net::IpAddr;
 

@@ -1,0 +1,199 @@
+//! The WebSocket upgrade after admission: the exchange with the backend, the
+//! answer to the client, and the tunnel.
+//!
+//! A connection whose first request is an upgrade (every browser WebSocket)
+//! is served without hyper: [`serve_direct`] takes the head the server
+//! already read and parsed, runs the same admission as every request, writes
+//! the backend's 101 to the client and hands back a [`Tunnel`], which the
+//! connection's own task then runs. An upgrade that arrives later on a
+//! keep-alive connection came through hyper, and [`through_hyper`] answers
+//! it with the same [`exchange`].
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::Response;
+use http::header::ORIGIN;
+use tokio::io::AsyncWriteExt;
+
+use crate::admit::{self, Candidate, Connection, RequestFacts};
+use crate::body::{self, ProxyBody};
+use crate::error::Rejection;
+use crate::stream::{self, ClientConn, Prefixed};
+use crate::upstream::UpstreamStream;
+use crate::wire;
+use crate::ws::exchange::{Answer, Switched, exchange};
+use crate::ws::request::UpgradeRequest;
+use crate::ws::tunnel;
+
+/// The upstream side of a tunnel: the connection the upgrade was sent on,
+/// with whatever the backend sent behind its 101 in front.
+type UpstreamIo = Prefixed<UpstreamStream>;
+
+/// A WebSocket the proxy has switched: what its tunnel needs, and nothing
+/// of the handshake that made it.
+pub(crate) struct Tunnel {
+    client: Prefixed<ClientConn>,
+    upstream: UpstreamIo,
+    conn: Connection,
+    route: usize,
+    client_ip: IpAddr,
+}
+
+impl Tunnel {
+    pub async fn run(mut self) {
+        run_tunnel(
+            &mut self.client,
+            &mut self.upstream,
+            self.route,
+            &self.conn,
+            self.client_ip,
+        )
+        .await;
+    }
+}
+
+/// Serves a connection whose first request is a WebSocket upgrade up to the
+/// switch: admission, the exchange with the backend, the 101 to the client.
+/// Refusals close the connection, as browsers do after a failed WebSocket
+/// handshake anyway.
+pub(crate) async fn serve_direct(
+    mut io: ClientConn,
+    request: UpgradeRequest,
+    conn: Connection,
+) -> Option<Tunnel> {
+    let started = Instant::now();
+    let origin = request.shared_value(&ORIGIN);
+    let mut facts = RequestFacts::new(&request.uri, origin, &conn, true);
+    let mut head = Vec::new();
+    let candidate = Candidate::Wire {
+        request: &request,
+        head: &mut head,
+    };
+    let answer = match admit::admit(&conn, candidate, &mut facts).await {
+        // The backend's choice of subprotocol is checked against what the
+        // client offered (and the route allows), whichever way it was admitted.
+        Ok(route) => exchange(
+            &head,
+            &request.passed_on(),
+            &conn.state.routes[route],
+            started,
+        )
+        .await
+        .map(|answer| (route, answer)),
+        Err(rejection) => Err(rejection),
+    };
+    let (route, switched) = match answer {
+        Ok((route, Answer::Switched(switched))) => (route, switched),
+        Ok((_, Answer::Refused(refusal))) => {
+            // Boxed, as the reading of it was: a rare path's state would
+            // otherwise enlarge every handshake's future.
+            Box::pin(refusal.write_to(&mut io)).await;
+            return None;
+        }
+        Err(rejection) => {
+            admit::report_rejection(&conn.state, &facts, &rejection);
+            wire::write_final_response(&mut io, &rejection.into_response()).await;
+            return None;
+        }
+    };
+    // The backend's 101 goes out as it came, byte for byte.
+    let sent = async {
+        io.write_all(&switched.head.raw).await?;
+        io.flush().await
+    };
+    if let Err(error) = sent.await {
+        tracing::debug!(peer = %conn.peer, %error, "client left before the 101 was written");
+        return None;
+    }
+    Some(Tunnel {
+        client: Prefixed::new(request.rest(), io),
+        upstream: Prefixed::new(switched.early, switched.stream),
+        conn,
+        route,
+        client_ip: facts.client_ip,
+    })
+}
+
+fn encoded_head(parts: &http::request::Parts) -> Vec<u8> {
+    let mut head = Vec::new();
+    wire::encode_request_head(parts, &mut head);
+    head
+}
+
+/// Answers an upgrade hyper parsed: the backend's 101 becomes hyper's
+/// response, and the tunnel starts once hyper has written it.
+pub(crate) async fn through_hyper(
+    mut parts: http::request::Parts,
+    conn: &Arc<Connection>,
+    route_index: usize,
+    client_ip: IpAddr,
+    started: Instant,
+) -> Result<Response<ProxyBody>, Rejection> {
+    let route = &conn.state.routes[route_index];
+    // Claimed before the head goes upstream (what `hyper::upgrade::on` does);
+    // it resolves once hyper has written our 101.
+    let client_upgrade = parts
+        .extensions
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .ok_or(Rejection::BadHandshake {
+            detail: "the connection cannot be upgraded",
+        })?;
+    let Switched {
+        head,
+        early,
+        stream,
+    } = match exchange(&encoded_head(&parts), &parts.headers, route, started).await? {
+        Answer::Switched(switched) => switched,
+        Answer::Refused(refusal) => return Ok(refusal.into_response()),
+    };
+    let conn = conn.clone();
+    conn.tunnels.clone().spawn(async move {
+        let mut client = match client_upgrade.await {
+            Ok(upgraded) => match stream::client_from_upgraded(upgraded) {
+                Some(client) => client,
+                None => return,
+            },
+            Err(error) => {
+                tracing::debug!(%error, "client upgrade did not complete");
+                return;
+            }
+        };
+        let mut upstream = Prefixed::new(early, stream);
+        run_tunnel(&mut client, &mut upstream, route_index, &conn, client_ip).await;
+    });
+    head.into_response(body::empty())
+        .map_err(|error| Rejection::UpstreamProtocol {
+            detail: format!("the backend's 101 could not be re-read: {error}"),
+        })
+}
+
+async fn run_tunnel(
+    client: &mut Prefixed<ClientConn>,
+    upstream: &mut UpstreamIo,
+    route_index: usize,
+    conn: &Connection,
+    client_ip: IpAddr,
+) {
+    let route = &conn.state.routes[route_index];
+    let metrics = &route.metrics;
+    metrics.tunnels_active.inc();
+    let outcome = tunnel::splice(
+        client,
+        upstream,
+        route.config.idle_timeout,
+        conn.drain.clone(),
+    )
+    .await;
+    metrics.tunnels_active.dec();
+    metrics.tunnel_closed(&outcome);
+    tracing::debug!(
+        route = %route.config.name,
+        %client_ip,
+        cause = outcome.cause.as_str(),
+        client_to_upstream = outcome.client_to_upstream,
+        upstream_to_client = outcome.upstream_to_client,
+        "tunnel closed"
+    );
+}
