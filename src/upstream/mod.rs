@@ -11,14 +11,15 @@ use std::task::{Context, Poll};
 
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+mod connect;
 pub(crate) mod health;
+
+pub use connect::UpstreamStream;
+use connect::{Lease, StreamKind, tcp_connect};
 
 use crate::config::{Balance, UpstreamConfig};
 
@@ -51,7 +52,7 @@ pub struct Upstream {
     pub config: Arc<UpstreamConfig>,
     next: AtomicUsize,
     /// Open connections per server, for `least_conn`.
-    active: Vec<AtomicUsize>,
+    active: Arc<[AtomicUsize]>,
     /// Per server; only the health checker clears it. Without checks all stay true.
     healthy: Vec<AtomicBool>,
     tls: Option<TlsConnector>,
@@ -63,18 +64,6 @@ impl std::fmt::Debug for Upstream {
         f.debug_struct("Upstream")
             .field("name", &self.config.name)
             .finish()
-    }
-}
-
-/// Counts a connection against its server until dropped.
-struct Lease {
-    upstream: Arc<Upstream>,
-    server: usize,
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        self.upstream.active[self.server].fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -122,6 +111,9 @@ impl Upstream {
             let http = Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(std::time::Duration::from_secs(90))
                 .pool_max_idle_per_host(64)
+                // Without a timer hyper-util never reaps idle pooled
+                // connections: they would outlive `pool_idle_timeout`.
+                .pool_timer(TokioTimer::new())
                 // Host must reach the backend exactly as the client sent it.
                 .set_host(false)
                 .http1_preserve_header_case(true)
@@ -166,13 +158,16 @@ impl Upstream {
     }
 
     fn first_choice(&self) -> usize {
-        let count = self.config.servers.len();
+        // `max(1)`: config validation refuses an empty pool, but a zero here
+        // must not divide; the connect loop then finds no server to try.
+        let count = self.config.servers.len().max(1);
         let start = self.next.fetch_add(1, Ordering::Relaxed) % count;
         match self.config.balance {
             Balance::RoundRobin => start,
             // Scan from the round-robin position so ties spread out.
             Balance::LeastConn => (0..count)
                 .map(|offset| (start + offset) % count)
+                .filter(|&index| index < self.active.len())
                 .min_by_key(|&index| self.active[index].load(Ordering::Relaxed))
                 .unwrap_or(start),
         }
@@ -260,116 +255,11 @@ impl Upstream {
                     server: server.clone(),
                     timeout,
                 })??;
-        self.active[index].fetch_add(1, Ordering::Relaxed);
         let stream = UpstreamStream {
             io,
-            _lease: Lease {
-                upstream: self.clone(),
-                server: index,
-            },
+            _lease: Lease::take(&self.active, index),
         };
         Ok((stream, sent))
     }
 }
 
-/// Connects to `server` and sends `first` as soon as the kernel takes it. On
-/// a fast path (loopback, a LAN) the TCP handshake is over by the time
-/// `connect` returns, so the bytes leave at once, without a reactor round to
-/// learn the socket is writable and the `SO_ERROR` check behind it. Returns
-/// how many bytes of `first` were sent.
-async fn tcp_connect(server: &str, first: &[u8]) -> io::Result<(TcpStream, usize)> {
-    use socket2::{Domain, Protocol, Socket, Type};
-
-    let Ok(addr) = server.parse::<std::net::SocketAddr>() else {
-        // A name: resolved, and tried address by address, by tokio.
-        let tcp = TcpStream::connect(server).await?;
-        tcp.set_nodelay(true)?;
-        return Ok((tcp, 0));
-    };
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking(),
-        Some(Protocol::TCP),
-    )?;
-    // Frames must not wait for Nagle: WebSocket traffic is small and latency-bound.
-    socket.set_tcp_nodelay(true)?;
-    match socket.connect(&addr.into()) {
-        Ok(()) => {}
-        Err(error) if error.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(error) => return Err(error),
-    }
-    // Still connecting is `WouldBlock`; a refused connect is its error.
-    let sent = match first {
-        [] => 0,
-        bytes => match socket.send_with_flags(bytes, libc::MSG_NOSIGNAL) {
-            Ok(sent) => sent,
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(error) => return Err(error),
-        },
-    };
-    let tcp = TcpStream::from_std(std::net::TcpStream::from(socket))?;
-    if sent == 0 {
-        tcp.writable().await?;
-        if let Some(error) = tcp.take_error()? {
-            return Err(error);
-        }
-    }
-    Ok((tcp, sent))
-}
-
-enum StreamKind {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-/// A connection to one backend server, counted against it while open.
-pub struct UpstreamStream {
-    io: StreamKind,
-    _lease: Lease,
-}
-
-impl Connection for UpstreamStream {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-impl AsyncRead for UpstreamStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for UpstreamStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
-
-crate::stream::delegate_async_io!(StreamKind { Plain, Tls });
-
-impl crate::stream::HoldForFin for UpstreamStream {
-    fn poll_write_held(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        crate::stream::HoldForFin::poll_write_held(Pin::new(&mut self.get_mut().io), cx, buf)
-    }
-}
