@@ -397,3 +397,514 @@ where
         upstream_to_client: to_client.bytes,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The splice driven over in-memory pipes. Each test holds the two
+    //! application ends — the client's and the upstream server's — of two
+    //! `tokio::io::duplex` pairs and splices the proxy ends in a task.
+
+    use super::*;
+
+    use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, duplex};
+    use tokio::task::JoinHandle;
+    use tokio::time::timeout;
+
+    impl crate::stream::HoldForFin for DuplexStream {}
+
+    /// Bound on every wait for something that should happen promptly.
+    const DEADLINE: Duration = Duration::from_secs(10);
+    /// An idle timeout no test reaches.
+    const NEVER_IDLE: Duration = Duration::from_secs(3600);
+
+    struct Tunnel {
+        /// The client application's end.
+        client: DuplexStream,
+        /// The upstream server's end.
+        upstream: DuplexStream,
+        drain: CancellationToken,
+        task: JoinHandle<TunnelOutcome>,
+    }
+
+    /// Splices two fresh duplex pairs of `buffer` bytes each in a task; the
+    /// proxy ends are dropped when `splice` returns.
+    fn start(buffer: usize, idle_timeout: Duration) -> Tunnel {
+        let (client, mut client_proxy) = duplex(buffer);
+        let (mut upstream_proxy, upstream) = duplex(buffer);
+        let drain = CancellationToken::new();
+        let token = drain.clone();
+        let task = tokio::spawn(async move {
+            splice(&mut client_proxy, &mut upstream_proxy, idle_timeout, token).await
+        });
+        Tunnel {
+            client,
+            upstream,
+            drain,
+            task,
+        }
+    }
+
+    async fn finished(task: JoinHandle<TunnelOutcome>) -> TunnelOutcome {
+        timeout(DEADLINE, task)
+            .await
+            .expect("splice did not return in time")
+            .expect("splice task panicked")
+    }
+
+    fn outcome(
+        cause: CloseCause,
+        client_to_upstream: u64,
+        upstream_to_client: u64,
+    ) -> TunnelOutcome {
+        TunnelOutcome {
+            cause,
+            client_to_upstream,
+            upstream_to_client,
+        }
+    }
+
+    /// Bytes whose period (251, a prime) lines up with no buffer size, so a
+    /// dropped, repeated or reordered stretch shows.
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| ((i % 251) as u8).wrapping_mul(7).wrapping_add(seed))
+            .collect()
+    }
+
+    async fn send<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8]) {
+        timeout(DEADLINE, writer.write_all(bytes))
+            .await
+            .expect("write did not finish in time")
+            .expect("write failed");
+    }
+
+    async fn fin<W: AsyncWrite + Unpin>(writer: &mut W) {
+        timeout(DEADLINE, writer.shutdown())
+            .await
+            .expect("shutdown did not finish in time")
+            .expect("shutdown failed");
+    }
+
+    async fn receive<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> Vec<u8> {
+        let mut bytes = vec![0; len];
+        timeout(DEADLINE, reader.read_exact(&mut bytes))
+            .await
+            .expect("read did not finish in time")
+            .expect("read failed");
+        bytes
+    }
+
+    async fn receive_to_eof<R: AsyncRead + Unpin>(reader: &mut R) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        timeout(DEADLINE, reader.read_to_end(&mut bytes))
+            .await
+            .expect("EOF did not arrive in time")
+            .expect("read failed");
+        bytes
+    }
+
+    #[test]
+    fn causes_have_their_metric_labels() {
+        let labels = [
+            CloseCause::Client,
+            CloseCause::Upstream,
+            CloseCause::IdleTimeout,
+            CloseCause::Drain,
+            CloseCause::Error,
+        ]
+        .map(CloseCause::as_str);
+        assert_eq!(
+            labels,
+            ["client", "upstream", "idle_timeout", "drain", "error"]
+        );
+    }
+
+    #[tokio::test]
+    async fn bytes_cross_both_ways_unchanged_and_counted() {
+        // 100 KiB each way, several CHUNKs, through pipes far smaller than one.
+        let Tunnel {
+            client,
+            upstream,
+            task,
+            ..
+        } = start(1000, NEVER_IDLE);
+        let request = pattern(100 * 1024, 1);
+        let response = pattern(100 * 1024 + 17, 100);
+        let (mut client_rx, mut client_tx) = tokio::io::split(client);
+        let (mut upstream_rx, mut upstream_tx) = tokio::io::split(upstream);
+
+        let (_, _, at_upstream, at_client) = tokio::join!(
+            send(&mut client_tx, &request),
+            send(&mut upstream_tx, &response),
+            receive(&mut upstream_rx, request.len()),
+            receive(&mut client_rx, response.len()),
+        );
+        assert!(at_upstream == request, "client→upstream bytes changed");
+        assert!(at_client == response, "upstream→client bytes changed");
+        assert!(!task.is_finished(), "tunnel ended with both sides open");
+
+        // The client closes first, then the upstream follows.
+        fin(&mut client_tx).await;
+        assert_eq!(receive_to_eof(&mut upstream_rx).await, b"");
+        fin(&mut upstream_tx).await;
+        assert_eq!(
+            finished(task).await,
+            outcome(
+                CloseCause::Client,
+                request.len() as u64,
+                response.len() as u64
+            )
+        );
+        assert_eq!(receive_to_eof(&mut client_rx).await, b"");
+    }
+
+    #[tokio::test]
+    async fn client_fin_reaches_upstream_while_responses_keep_flowing() {
+        let Tunnel {
+            mut client,
+            mut upstream,
+            task,
+            ..
+        } = start(4096, NEVER_IDLE);
+        send(&mut client, b"last request").await;
+        fin(&mut client).await;
+        // The FIN is passed on right behind the bytes.
+        assert_eq!(receive_to_eof(&mut upstream).await, b"last request");
+        assert!(!task.is_finished(), "tunnel ended on a half-close");
+
+        // Upstream→client still flows, in several writes, after the FIN.
+        let response = pattern(40 * 1024, 3);
+        for part in response.chunks(10 * 1024) {
+            send(&mut upstream, part).await;
+            assert!(receive(&mut client, part.len()).await == part);
+        }
+        assert!(!task.is_finished(), "tunnel ended on a half-close");
+
+        fin(&mut upstream).await;
+        assert_eq!(
+            finished(task).await,
+            outcome(CloseCause::Client, 12, response.len() as u64)
+        );
+        assert_eq!(receive_to_eof(&mut client).await, b"");
+    }
+
+    #[tokio::test]
+    async fn upstream_fin_first_is_an_upstream_close() {
+        let Tunnel {
+            mut client,
+            mut upstream,
+            task,
+            ..
+        } = start(4096, NEVER_IDLE);
+        send(&mut upstream, b"bye").await;
+        fin(&mut upstream).await;
+        assert_eq!(receive_to_eof(&mut client).await, b"bye");
+
+        // Client→upstream still flows after the upstream's FIN.
+        send(&mut client, b"still here").await;
+        assert_eq!(receive(&mut upstream, 10).await, b"still here");
+        assert!(!task.is_finished(), "tunnel ended on a half-close");
+
+        fin(&mut client).await;
+        assert_eq!(finished(task).await, outcome(CloseCause::Upstream, 10, 3));
+        // Both FINs were sent, so the proxy end is dropped rather than shut
+        // down; the upstream sees EOF either way.
+        assert_eq!(receive_to_eof(&mut upstream).await, b"");
+    }
+
+    #[tokio::test]
+    async fn silent_tunnel_ends_on_idle_timeout() {
+        let idle = Duration::from_millis(100);
+        let began = Instant::now();
+        let Tunnel {
+            mut client,
+            mut upstream,
+            task,
+            ..
+        } = start(4096, idle);
+        assert_eq!(finished(task).await, outcome(CloseCause::IdleTimeout, 0, 0));
+        assert!(began.elapsed() >= idle, "ended before the idle timeout");
+        assert_eq!(receive_to_eof(&mut client).await, b"");
+        assert_eq!(receive_to_eof(&mut upstream).await, b"");
+    }
+
+    #[tokio::test]
+    async fn traffic_either_way_resets_the_idle_clock() {
+        // A byte every 50 ms, alternating directions, for over three idle
+        // timeouts: the tunnel must outlive them all, then time out once quiet.
+        let idle = Duration::from_millis(300);
+        let gap = Duration::from_millis(50);
+        let rounds = 20;
+        let Tunnel {
+            mut client,
+            mut upstream,
+            task,
+            ..
+        } = start(4096, idle);
+        let began = Instant::now();
+        let mut last_sent = began;
+        for round in 0..rounds {
+            last_sent = Instant::now();
+            if round % 2 == 0 {
+                send(&mut client, &[round]).await;
+                assert_eq!(receive(&mut upstream, 1).await, [round]);
+            } else {
+                send(&mut upstream, &[round]).await;
+                assert_eq!(receive(&mut client, 1).await, [round]);
+            }
+            assert!(
+                !task.is_finished(),
+                "timed out in round {round} despite traffic"
+            );
+            tokio::time::sleep(gap).await;
+        }
+        assert!(!task.is_finished(), "timed out despite traffic");
+        assert!(began.elapsed() >= idle * 3);
+
+        let ended = finished(task).await;
+        assert!(
+            last_sent.elapsed() >= idle,
+            "timed out sooner than {idle:?} after the last byte"
+        );
+        assert_eq!(
+            ended,
+            outcome(
+                CloseCause::IdleTimeout,
+                u64::from(rounds / 2),
+                u64::from(rounds / 2)
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn stalled_reader_stops_the_splice_reading() {
+        const PIPE: usize = 64;
+        let Tunnel {
+            mut client,
+            mut upstream,
+            task,
+            ..
+        } = start(PIPE, NEVER_IDLE);
+        let data = pattern(1024 * 1024, 9);
+
+        // The upstream reads nothing: the client's writes must stall once the
+        // two pipes and at most one CHUNK held by the splice are full.
+        let mut accepted = 0;
+        let stalled = timeout(Duration::from_millis(500), async {
+            while accepted < data.len() {
+                accepted += client.write(&data[accepted..]).await.expect("write failed");
+            }
+        })
+        .await;
+        assert!(
+            stalled.is_err(),
+            "1 MiB went in with nobody reading upstream"
+        );
+        assert!(accepted > 0, "the splice read nothing");
+        assert!(
+            accepted <= PIPE + CHUNK + PIPE,
+            "the splice took {accepted} bytes for a reader that reads none"
+        );
+
+        // Once the upstream reads, the rest follows, whole and in order.
+        let (_, at_upstream) = tokio::join!(
+            async {
+                send(&mut client, &data[accepted..]).await;
+                fin(&mut client).await;
+            },
+            receive_to_eof(&mut upstream),
+        );
+        assert_eq!(at_upstream.len(), data.len());
+        assert!(
+            at_upstream == data,
+            "bytes lost or reordered under backpressure"
+        );
+
+        fin(&mut upstream).await;
+        assert_eq!(
+            finished(task).await,
+            outcome(CloseCause::Client, data.len() as u64, 0)
+        );
+    }
+
+    #[tokio::test]
+    async fn drain_cuts_an_open_tunnel() {
+        let Tunnel {
+            mut client,
+            mut upstream,
+            drain,
+            task,
+        } = start(4096, NEVER_IDLE);
+        send(&mut client, b"ping").await;
+        assert_eq!(receive(&mut upstream, 4).await, b"ping");
+        send(&mut upstream, b"pong!").await;
+        assert_eq!(receive(&mut client, 5).await, b"pong!");
+        assert!(!task.is_finished());
+
+        drain.cancel();
+        assert_eq!(finished(task).await, outcome(CloseCause::Drain, 4, 5));
+        assert_eq!(receive_to_eof(&mut client).await, b"");
+        assert_eq!(receive_to_eof(&mut upstream).await, b"");
+    }
+
+    #[tokio::test]
+    async fn drain_cancelled_before_the_start_ends_at_once() {
+        let drain = CancellationToken::new();
+        drain.cancel();
+        let (_client, mut client_proxy) = duplex(64);
+        let (mut upstream_proxy, _upstream) = duplex(64);
+        let ended = timeout(
+            DEADLINE,
+            splice(&mut client_proxy, &mut upstream_proxy, NEVER_IDLE, drain),
+        )
+        .await
+        .expect("splice did not return in time");
+        assert_eq!(ended, outcome(CloseCause::Drain, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn upstream_gone_ends_the_tunnel_as_upstream() {
+        let Tunnel {
+            mut client,
+            upstream,
+            task,
+            ..
+        } = start(4096, NEVER_IDLE);
+        send(&mut client, b"hello").await;
+        let mut upstream = upstream;
+        assert_eq!(receive(&mut upstream, 5).await, b"hello");
+        drop(upstream);
+
+        // The client never sends a FIN: the broken pipe on the next write
+        // ends the tunnel, naming the upstream.
+        send(&mut client, b"more").await;
+        assert_eq!(finished(task).await, outcome(CloseCause::Upstream, 9, 0));
+        assert_eq!(receive_to_eof(&mut client).await, b"");
+    }
+
+    #[tokio::test]
+    async fn client_gone_ends_the_tunnel_as_client() {
+        let Tunnel {
+            client,
+            mut upstream,
+            task,
+            ..
+        } = start(4096, NEVER_IDLE);
+        let mut client = client;
+        send(&mut upstream, b"welcome").await;
+        assert_eq!(receive(&mut client, 7).await, b"welcome");
+        drop(client);
+
+        // The upstream never sends a FIN: the broken pipe on the next write
+        // ends the tunnel, naming the client.
+        send(&mut upstream, b"news").await;
+        assert_eq!(finished(task).await, outcome(CloseCause::Client, 0, 11));
+        assert_eq!(receive_to_eof(&mut upstream).await, b"");
+    }
+
+    /// A stream that fails reads and/or writes with a given error kind; a
+    /// read that does not fail stays pending, a write that does not fail
+    /// takes everything.
+    struct Failing {
+        read: Option<io::ErrorKind>,
+        write: Option<io::ErrorKind>,
+    }
+
+    impl AsyncRead for Failing {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            match self.read {
+                Some(kind) => Poll::Ready(Err(kind.into())),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    impl AsyncWrite for Failing {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            match self.write {
+                Some(kind) => Poll::Ready(Err(kind.into())),
+                None => Poll::Ready(Ok(buf.len())),
+            }
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl crate::stream::HoldForFin for Failing {}
+
+    #[tokio::test]
+    async fn io_errors_name_the_side_or_count_as_errors() {
+        use io::ErrorKind::{
+            BrokenPipe, ConnectionAborted, ConnectionReset, InvalidData, Other, UnexpectedEof,
+        };
+        // (failing side is the client, read error, write error, expected cause)
+        let cases = [
+            (true, Some(ConnectionReset), None, CloseCause::Client),
+            (true, Some(UnexpectedEof), None, CloseCause::Client),
+            (true, Some(InvalidData), None, CloseCause::Error),
+            (false, Some(ConnectionAborted), None, CloseCause::Upstream),
+            (false, Some(Other), None, CloseCause::Error),
+            (false, None, Some(BrokenPipe), CloseCause::Upstream),
+            (false, None, Some(ConnectionReset), CloseCause::Upstream),
+            (false, None, Some(Other), CloseCause::Error),
+            (true, None, Some(ConnectionAborted), CloseCause::Client),
+            (true, None, Some(InvalidData), CloseCause::Error),
+        ];
+        for (client_fails, read, write, cause) in cases {
+            let mut failing = Failing { read, write };
+            // The healthy side has sent 3 bytes, so a failing writer is
+            // written to at once.
+            let (mut app, mut proxy) = duplex(64);
+            send(&mut app, b"abc").await;
+            let ended = if client_fails {
+                timeout(
+                    DEADLINE,
+                    splice(
+                        &mut failing,
+                        &mut proxy,
+                        NEVER_IDLE,
+                        CancellationToken::new(),
+                    ),
+                )
+                .await
+            } else {
+                timeout(
+                    DEADLINE,
+                    splice(
+                        &mut proxy,
+                        &mut failing,
+                        NEVER_IDLE,
+                        CancellationToken::new(),
+                    ),
+                )
+                .await
+            };
+            let ended = ended.unwrap_or_else(|_| {
+                panic!("no end for client_fails={client_fails} read={read:?} write={write:?}")
+            });
+            // Both directions are polled before either's result is looked
+            // at, so the healthy side's 3 bytes are read and counted — passed
+            // to the failing writer — whichever of the two fails.
+            let (to_upstream, to_client) = if client_fails { (0, 3) } else { (3, 0) };
+            assert_eq!(
+                ended,
+                outcome(cause, to_upstream, to_client),
+                "client_fails={client_fails} read={read:?} write={write:?}"
+            );
+        }
+    }
+}

@@ -6,6 +6,15 @@ use std::sync::atomic::Ordering;
 
 use crate::support::*;
 
+on_both_paths!(
+    forward_auth_allow_copies_listed_headers_and_sees_the_clients_credentials,
+    forward_auth_401_and_403_are_relayed_with_their_bodies,
+    forward_auth_timeout_is_503_auth_unavailable,
+    forward_auth_down_is_503_auth_unavailable,
+    forward_auth_answers_other_than_2xx_401_403_are_503,
+    forward_auth_never_sees_forwarding_headers_forged_by_an_untrusted_client,
+);
+
 struct Setup {
     auth: HyperServer,
     backend: WsBackend,
@@ -61,7 +70,9 @@ async fn setup() -> Setup {
         [route.auth]
         forward = "http://{auth}/check"
         forward_response_headers = ["X-User"]
+        {warmup}
         "#,
+        warmup = warmup_config().await,
         ws = backend.addr,
         plain = plain.addr,
         auth = auth.addr,
@@ -76,11 +87,13 @@ async fn setup() -> Setup {
     }
 }
 
-#[tokio::test]
-async fn forward_auth_allow_copies_listed_headers_and_sees_the_clients_credentials() {
+async fn forward_auth_allow_copies_listed_headers_and_sees_the_clients_credentials(
+    path: UpgradePath,
+) {
     let mut setup = setup().await;
     let addr = setup.proxy.addr();
-    let (head, _) = upgrade(
+    let (head, _) = upgrade_via(
+        path,
         addr,
         "/fa/room?case=allow&x=1",
         &[
@@ -136,7 +149,7 @@ async fn forward_auth_allow_copies_listed_headers_and_sees_the_clients_credentia
     );
 
     // A 2xx without X-User: the client's copy still never passes.
-    let (head, _) = upgrade(addr, "/fa?case=anon", &[("X-User", "mallory")]).await;
+    let (head, _) = upgrade_via(path, addr, "/fa?case=anon", &[("X-User", "mallory")]).await;
     assert_eq!(head.status, 101);
     setup.auth.next_request().await;
     assert_eq!(
@@ -145,7 +158,8 @@ async fn forward_auth_allow_copies_listed_headers_and_sees_the_clients_credentia
     );
 
     // The origin check still runs before the auth service is asked.
-    let (head, body) = upgrade(
+    let (head, body) = upgrade_via(
+        path,
         addr,
         "/fa?case=allow",
         &[("Origin", "https://evil.example")],
@@ -157,15 +171,15 @@ async fn forward_auth_allow_copies_listed_headers_and_sees_the_clients_credentia
     setup.proxy.stop().await;
 }
 
-#[tokio::test]
-async fn forward_auth_401_and_403_are_relayed_with_their_bodies() {
+async fn forward_auth_401_and_403_are_relayed_with_their_bodies(path: UpgradePath) {
     let mut setup = setup().await;
     let addr = setup.proxy.addr();
     for (case, status, body_text) in [
         ("deny401", 401, "please log in"),
         ("deny403", 403, "not your room"),
     ] {
-        let (head, body) = upgrade(
+        let (head, body) = upgrade_via(
+            path,
             addr,
             &format!("/fa?case={case}"),
             &[("Cookie", "sid=expired")],
@@ -188,7 +202,12 @@ async fn forward_auth_401_and_403_are_relayed_with_their_bodies() {
         assert_eq!(asked.one("cookie").as_deref(), Some("sid=expired"));
     }
     // Plain HTTP is relayed the same way.
-    let (head, body, _) = send(addr, &plain_request("GET", "/fa-plain?case=deny403", &[])).await;
+    let (head, body, _) = send_via(
+        path,
+        addr,
+        &plain_request("GET", "/fa-plain?case=deny403", &[]),
+    )
+    .await;
     assert_eq!((head.status, body.as_str()), (403, "not your room"));
     assert_eq!(header_values(&head, "wsgate-reason"), ["auth-denied"]);
     setup.auth.next_request().await;
@@ -198,11 +217,15 @@ async fn forward_auth_401_and_403_are_relayed_with_their_bodies() {
     setup.proxy.stop().await;
 }
 
-#[tokio::test]
-async fn forward_auth_timeout_is_503_auth_unavailable() {
+async fn forward_auth_timeout_is_503_auth_unavailable(path: UpgradePath) {
     let mut setup = setup().await;
+    let mut stream = open_via(path, setup.proxy.addr()).await;
     let started = std::time::Instant::now();
-    let (head, body) = upgrade(setup.proxy.addr(), "/fa-slow?case=slow", &[]).await;
+    let (head, body) = send_on(
+        &mut stream,
+        upgrade_request("/fa-slow?case=slow", "edge.test", &[]).as_bytes(),
+    )
+    .await;
     assert_reject(&head, &body, 503, "auth-unavailable");
     assert!(
         started.elapsed() >= std::time::Duration::from_millis(300),
@@ -215,12 +238,11 @@ async fn forward_auth_timeout_is_503_auth_unavailable() {
     setup.proxy.stop().await;
 }
 
-#[tokio::test]
-async fn forward_auth_down_is_503_auth_unavailable() {
+async fn forward_auth_down_is_503_auth_unavailable(path: UpgradePath) {
     let mut setup = setup().await;
     let addr = setup.proxy.addr();
     for _ in 0..2 {
-        let (head, body) = upgrade(addr, "/fa-down", &[]).await;
+        let (head, body) = upgrade_via(path, addr, "/fa-down", &[]).await;
         assert_reject(&head, &body, 503, "auth-unavailable");
         assert!(body.contains("unreachable"), "{body}");
     }
@@ -228,12 +250,11 @@ async fn forward_auth_down_is_503_auth_unavailable() {
     setup.proxy.stop().await;
 }
 
-#[tokio::test]
-async fn forward_auth_answers_other_than_2xx_401_403_are_503() {
+async fn forward_auth_answers_other_than_2xx_401_403_are_503(path: UpgradePath) {
     let mut setup = setup().await;
     let addr = setup.proxy.addr();
     for (case, status) in [("teapot", "418"), ("redirect", "302"), ("error", "500")] {
-        let (head, body) = upgrade(addr, &format!("/fa?case={case}"), &[]).await;
+        let (head, body) = upgrade_via(path, addr, &format!("/fa?case={case}"), &[]).await;
         assert_reject(&head, &body, 503, "auth-unavailable");
         assert!(body.contains(status), "{case}: {body}");
         setup.auth.next_request().await;
@@ -278,10 +299,12 @@ async fn forward_auth_checks_plain_http_and_reuses_its_connections() {
 /// `X-Forwarded-Proto`); from an untrusted peer those must be the proxy's own
 /// values, as they are for the backend — an auth service such as Authelia
 /// picks its access rule by `X-Forwarded-Host`.
-#[tokio::test]
-async fn forward_auth_never_sees_forwarding_headers_forged_by_an_untrusted_client() {
+async fn forward_auth_never_sees_forwarding_headers_forged_by_an_untrusted_client(
+    path: UpgradePath,
+) {
     let mut setup = setup().await;
-    let (head, _) = upgrade(
+    let (head, _) = upgrade_via(
+        path,
         setup.proxy.addr(),
         "/fa?case=allow",
         &[

@@ -8,8 +8,19 @@ use tokio::net::TcpListener;
 
 use crate::support::*;
 
-/// One route per policy, all on the echo backend, no origin needed.
-fn config(listener: &str, backend: SocketAddr, server_extra: &str) -> String {
+on_both_paths!(
+    ip_allow_and_deny_lists_for_an_ipv4_client,
+    ip_allow_and_deny_lists_for_an_ipv6_client,
+    ip_v4_mapped_peer_is_compared_as_ipv4,
+    ip_from_a_trusted_proxys_x_forwarded_for_is_the_client_ip,
+    ip_in_x_forwarded_for_from_an_untrusted_peer_is_ignored,
+    ip_v4_mapped_cidr_in_deny_ips_denies_the_ipv4_client,
+);
+
+/// One route per policy, all on the echo backend, no origin needed; plus the
+/// warm-up route, which has no IP policy, so the plain request before a
+/// hyper-path upgrade is answered whatever the client address.
+async fn config(listener: &str, backend: SocketAddr, server_extra: &str) -> String {
     let route = |path: &str, policy: &str| {
         format!(
             "[[route]]\npath = \"{path}\"\nupstream = \"echo\"\nmissing_origin = \"allow\"\n{policy}\n"
@@ -34,38 +45,50 @@ fn config(listener: &str, backend: SocketAddr, server_extra: &str) -> String {
         route("/doc", "allow_ips = [\"203.0.113.0/24\"]"),
         route("/doc-denied", "deny_ips = [\"203.0.113.9\"]"),
         route("/mapped-deny", "deny_ips = [\"::ffff:127.0.0.0/104\"]"),
+        warmup_config().await,
     ]
     .concat()
 }
 
 /// Expects a 101 and returns what the backend saw.
 async fn allowed(
+    via: UpgradePath,
     addr: SocketAddr,
     backend: &mut WsBackend,
     path: &str,
     extra: &[(&str, &str)],
 ) -> SeenRequest {
-    let (head, body) = upgrade(addr, path, extra).await;
-    assert_eq!(head.status, 101, "{path} {extra:?}: {body}");
+    let (head, body) = upgrade_via(via, addr, path, extra).await;
+    assert_eq!(head.status, 101, "{via}, {path} {extra:?}: {body}");
     backend.next_request().await
 }
 
-async fn forbidden(addr: SocketAddr, path: &str, extra: &[(&str, &str)], ip: &str) {
-    let (head, body) = upgrade(addr, path, extra).await;
+async fn forbidden(
+    via: UpgradePath,
+    addr: SocketAddr,
+    path: &str,
+    extra: &[(&str, &str)],
+    ip: &str,
+) {
+    let (head, body) = upgrade_via(via, addr, path, extra).await;
+    assert_eq!(
+        (head.status, head.get("wsgate-reason")),
+        (403, Some("ip-forbidden")),
+        "{via}, {path} {extra:?}: {body}"
+    );
     assert_reject(&head, &body, 403, "ip-forbidden");
     assert!(
         body.contains(&format!("client address {ip} ")),
-        "{path}: body should name {ip}: {body}"
+        "{via}, {path}: body should name {ip}: {body}"
     );
 }
 
-#[tokio::test]
-async fn ip_allow_and_deny_lists_for_an_ipv4_client() {
+async fn ip_allow_and_deny_lists_for_an_ipv4_client(via: UpgradePath) {
     let mut backend = spawn_ws_echo().await;
-    let proxy = start_proxy(&config("127.0.0.1:0", backend.addr, "")).await;
+    let proxy = start_proxy(&config("127.0.0.1:0", backend.addr, "").await).await;
     let addr = proxy.addr();
     for path in ["/open", "/loopback4", "/any", "/deny-only", "/doc-denied"] {
-        let seen = allowed(addr, &mut backend, path, &[]).await;
+        let seen = allowed(via, addr, &mut backend, path, &[]).await;
         assert_eq!(seen.one("x-real-ip").as_deref(), Some("127.0.0.1"));
     }
     for path in [
@@ -75,17 +98,16 @@ async fn ip_allow_and_deny_lists_for_an_ipv4_client() {
         "/deny-loopback",
         "/doc",
     ] {
-        forbidden(addr, path, &[], "127.0.0.1").await;
+        forbidden(via, addr, path, &[], "127.0.0.1").await;
     }
     // Plain HTTP is held to the same list (and never reaches the backend).
-    let (head, body, _) = send(addr, &plain_request("GET", "/ten", &[])).await;
+    let (head, body, _) = send_via(via, addr, &plain_request("GET", "/ten", &[])).await;
     assert_reject(&head, &body, 403, "ip-forbidden");
     assert_backend_idle(&mut backend);
     proxy.stop().await;
 }
 
-#[tokio::test]
-async fn ip_allow_and_deny_lists_for_an_ipv6_client() {
+async fn ip_allow_and_deny_lists_for_an_ipv6_client(via: UpgradePath) {
     let probe = TcpListener::bind("[::1]:0").await;
     if let Err(error) = probe {
         println!("note: IPv6 loopback unavailable ({error}); skipping the IPv6 allowlist test");
@@ -93,7 +115,7 @@ async fn ip_allow_and_deny_lists_for_an_ipv6_client() {
     }
     drop(probe);
     let mut backend = spawn_ws_echo().await;
-    let proxy = start_proxy(&config("[::1]:0", backend.addr, "")).await;
+    let proxy = start_proxy(&config("[::1]:0", backend.addr, "").await).await;
     let addr = proxy.addr();
     assert!(addr.is_ipv6());
     for path in [
@@ -103,7 +125,7 @@ async fn ip_allow_and_deny_lists_for_an_ipv6_client() {
         "/deny-only",
         "/deny-loopback",
     ] {
-        let seen = allowed(addr, &mut backend, path, &[]).await;
+        let seen = allowed(via, addr, &mut backend, path, &[]).await;
         assert_eq!(seen.one("x-real-ip").as_deref(), Some("::1"));
         assert_eq!(seen.one("x-forwarded-for").as_deref(), Some("::1"));
         assert_eq!(
@@ -112,14 +134,13 @@ async fn ip_allow_and_deny_lists_for_an_ipv6_client() {
         );
     }
     for path in ["/loopback4", "/ten", "/allow-then-deny", "/doc"] {
-        forbidden(addr, path, &[], "::1").await;
+        forbidden(via, addr, path, &[], "::1").await;
     }
     assert_backend_idle(&mut backend);
     proxy.stop().await;
 }
 
-#[tokio::test]
-async fn ip_v4_mapped_peer_is_compared_as_ipv4() {
+async fn ip_v4_mapped_peer_is_compared_as_ipv4(via: UpgradePath) {
     let mut backend = spawn_ws_echo().await;
     // A dual-stack listener: a connection to 127.0.0.1 arrives as ::ffff:127.0.0.1.
     let Ok(probe) = TcpListener::bind("[::]:0").await else {
@@ -141,15 +162,18 @@ async fn ip_v4_mapped_peer_is_compared_as_ipv4() {
             return;
         }
     }
-    let proxy = start_proxy(&config(
-        "[::]:0",
-        backend.addr,
-        "trusted_proxies = [\"127.0.0.1/32\"]",
-    ))
+    let proxy = start_proxy(
+        &config(
+            "[::]:0",
+            backend.addr,
+            "trusted_proxies = [\"127.0.0.1/32\"]",
+        )
+        .await,
+    )
     .await;
     let addr: SocketAddr = ([127, 0, 0, 1], proxy.addr().port()).into();
     for path in ["/open", "/loopback4", "/any", "/deny-only"] {
-        let seen = allowed(addr, &mut backend, path, &[]).await;
+        let seen = allowed(via, addr, &mut backend, path, &[]).await;
         assert_eq!(seen.one("x-real-ip").as_deref(), Some("127.0.0.1"));
         assert_eq!(seen.one("x-forwarded-for").as_deref(), Some("127.0.0.1"));
         assert_eq!(
@@ -158,11 +182,11 @@ async fn ip_v4_mapped_peer_is_compared_as_ipv4() {
         );
     }
     for path in ["/loopback6", "/ten", "/allow-then-deny", "/deny-loopback"] {
-        forbidden(addr, path, &[], "127.0.0.1").await;
+        forbidden(via, addr, path, &[], "127.0.0.1").await;
     }
     // The mapped peer counts as the trusted 127.0.0.1 for X-Forwarded-For.
     let xff = [("X-Forwarded-For", "203.0.113.9")];
-    let seen = allowed(addr, &mut backend, "/doc", &xff).await;
+    let seen = allowed(via, addr, &mut backend, "/doc", &xff).await;
     assert_eq!(seen.one("x-real-ip").as_deref(), Some("203.0.113.9"));
     assert_eq!(
         seen.one("x-forwarded-for").as_deref(),
@@ -172,18 +196,21 @@ async fn ip_v4_mapped_peer_is_compared_as_ipv4() {
     proxy.stop().await;
 }
 
-#[tokio::test]
-async fn ip_from_a_trusted_proxys_x_forwarded_for_is_the_client_ip() {
+async fn ip_from_a_trusted_proxys_x_forwarded_for_is_the_client_ip(via: UpgradePath) {
     let mut backend = spawn_ws_echo().await;
-    let proxy = start_proxy(&config(
-        "127.0.0.1:0",
-        backend.addr,
-        "trusted_proxies = [\"127.0.0.1/32\", \"10.0.0.0/8\"]",
-    ))
+    let proxy = start_proxy(
+        &config(
+            "127.0.0.1:0",
+            backend.addr,
+            "trusted_proxies = [\"127.0.0.1/32\", \"10.0.0.0/8\"]",
+        )
+        .await,
+    )
     .await;
     let addr = proxy.addr();
 
     let seen = allowed(
+        via,
         addr,
         &mut backend,
         "/doc",
@@ -197,7 +224,7 @@ async fn ip_from_a_trusted_proxys_x_forwarded_for_is_the_client_ip() {
     );
     // The right-most untrusted entry counts; trusted hops are skipped.
     let chain = [("X-Forwarded-For", "198.51.100.1, 203.0.113.9, 10.1.2.3")];
-    let seen = allowed(addr, &mut backend, "/doc", &chain).await;
+    let seen = allowed(via, addr, &mut backend, "/doc", &chain).await;
     assert_eq!(seen.one("x-real-ip").as_deref(), Some("203.0.113.9"));
     assert_eq!(
         seen.one("x-forwarded-for").as_deref(),
@@ -205,9 +232,10 @@ async fn ip_from_a_trusted_proxys_x_forwarded_for_is_the_client_ip() {
     );
     // An address before that is not the client, so cannot buy its way in.
     let spoof = [("X-Forwarded-For", "203.0.113.9, 198.51.100.1")];
-    forbidden(addr, "/doc", &spoof, "198.51.100.1").await;
+    forbidden(via, addr, "/doc", &spoof, "198.51.100.1").await;
     // deny_ips applies to the forwarded client as well.
     forbidden(
+        via,
         addr,
         "/doc-denied",
         &[("X-Forwarded-For", "203.0.113.9")],
@@ -215,23 +243,22 @@ async fn ip_from_a_trusted_proxys_x_forwarded_for_is_the_client_ip() {
     )
     .await;
     // Without the header the trusted peer is the client.
-    forbidden(addr, "/doc", &[], "127.0.0.1").await;
+    forbidden(via, addr, "/doc", &[], "127.0.0.1").await;
     assert_backend_idle(&mut backend);
     proxy.stop().await;
 }
 
-#[tokio::test]
-async fn ip_in_x_forwarded_for_from_an_untrusted_peer_is_ignored() {
+async fn ip_in_x_forwarded_for_from_an_untrusted_peer_is_ignored(via: UpgradePath) {
     let mut backend = spawn_ws_echo().await;
-    let proxy = start_proxy(&config("127.0.0.1:0", backend.addr, "")).await;
+    let proxy = start_proxy(&config("127.0.0.1:0", backend.addr, "").await).await;
     let addr = proxy.addr();
     let xff = [
         ("X-Forwarded-For", "203.0.113.9"),
         ("X-Real-IP", "203.0.113.9"),
         ("Forwarded", "for=203.0.113.9"),
     ];
-    forbidden(addr, "/doc", &xff, "127.0.0.1").await;
-    let seen = allowed(addr, &mut backend, "/doc-denied", &xff).await;
+    forbidden(via, addr, "/doc", &xff, "127.0.0.1").await;
+    let seen = allowed(via, addr, &mut backend, "/doc-denied", &xff).await;
     assert_eq!(seen.one("x-real-ip").as_deref(), Some("127.0.0.1"));
     assert_eq!(seen.one("x-forwarded-for").as_deref(), Some("127.0.0.1"));
     assert_eq!(
@@ -245,11 +272,10 @@ async fn ip_in_x_forwarded_for_from_an_untrusted_peer_is_ignored() {
 /// `deny_ips = ["::ffff:127.0.0.0/104"]` names 127.0.0.0/8 in IPv4-mapped form.
 /// Clients are compared as IPv4, so a mapped CIDR in the config never matches
 /// anything: a deny list written that way silently lets everyone in.
-#[tokio::test]
-async fn ip_v4_mapped_cidr_in_deny_ips_denies_the_ipv4_client() {
+async fn ip_v4_mapped_cidr_in_deny_ips_denies_the_ipv4_client(via: UpgradePath) {
     let mut backend = spawn_ws_echo().await;
-    let proxy = start_proxy(&config("127.0.0.1:0", backend.addr, "")).await;
-    forbidden(proxy.addr(), "/mapped-deny", &[], "127.0.0.1").await;
+    let proxy = start_proxy(&config("127.0.0.1:0", backend.addr, "").await).await;
+    forbidden(via, proxy.addr(), "/mapped-deny", &[], "127.0.0.1").await;
     assert_backend_idle(&mut backend);
     proxy.stop().await;
 }

@@ -10,6 +10,18 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::*;
 
+on_both_paths!(
+    jwt_in_query_cookie_or_bearer_header_upgrades_and_echoes,
+    jwt_query_beats_cookie_beats_header,
+    jwt_missing_token_is_401_token_missing_with_a_bare_bearer_challenge,
+    jwt_every_invalid_token_is_401_token_invalid_and_never_echoed,
+    jwt_public_keys_pin_the_algorithm_and_refuse_confusion,
+    jwt_jwks_chooses_the_key_by_kid,
+    jwt_without_the_required_scope_is_403_scope_missing,
+    jwt_forward_claims_are_set_by_the_edge_and_client_copies_never_pass,
+    jwt_strip_token_removes_only_the_token_parameter,
+);
+
 struct Setup {
     keys: Keys,
     backend: WsBackend,
@@ -85,7 +97,9 @@ async fn setup() -> Setup {
         jwt_secret_file = "secret.txt"
         token_query = "token"
         forward_claims = {{ sub = "X-User-Id" }}
+        {warmup}
         "#,
+        warmup = warmup_config().await,
         ws = backend.addr,
         plain = plain.addr,
     );
@@ -99,11 +113,11 @@ async fn setup() -> Setup {
 }
 
 /// Upgrades through the proxy with a real client, checks one echo, closes.
-async fn upgrade_and_echo(setup: &Setup, path: &str, headers: &[(&str, &str)]) {
-    let (mut ws, response) = ws_connect(setup.proxy.addr(), path, headers)
+async fn upgrade_and_echo(via: UpgradePath, setup: &Setup, path: &str, headers: &[(&str, &str)]) {
+    let (mut ws, response) = ws_connect_via(via, setup.proxy.addr(), path, headers)
         .await
-        .unwrap_or_else(|error| panic!("upgrade of {path} failed: {error}"));
-    assert_eq!(response.status(), 101);
+        .unwrap_or_else(|error| panic!("{via}: upgrade of {path} failed: {error}"));
+    assert_eq!(response.status(), 101, "{via}");
     within("the echo", async {
         ws.send(Message::Text("ping through the edge".into()))
             .await
@@ -139,28 +153,27 @@ fn assert_token_invalid(label: &str, head: &Head, body: &str, token: &str, detai
     }
 }
 
-#[tokio::test]
-async fn jwt_in_query_cookie_or_bearer_header_upgrades_and_echoes() {
+async fn jwt_in_query_cookie_or_bearer_header_upgrades_and_echoes(via: UpgradePath) {
     let mut setup = setup().await;
     let keys = &setup.keys;
     let from_query = keys.hs(&good_claims("via-query"));
     let from_cookie = keys.hs(&good_claims("via-cookie"));
     let from_header = keys.hs(&good_claims("via-header"));
 
-    upgrade_and_echo(&setup, &format!("/hs?token={from_query}"), &[]).await;
+    upgrade_and_echo(via, &setup, &format!("/hs?token={from_query}"), &[]).await;
     let seen = setup.backend.next_request().await;
     assert_eq!(seen.uri, format!("/hs?token={from_query}"));
     assert_eq!(seen.one("x-user-id").as_deref(), Some("via-query"));
 
     let cookie = format!("theme=dark; session={from_cookie}; lang=en");
-    upgrade_and_echo(&setup, "/hs/room", &[("Cookie", &cookie)]).await;
+    upgrade_and_echo(via, &setup, "/hs/room", &[("Cookie", &cookie)]).await;
     let seen = setup.backend.next_request().await;
     assert_eq!(seen.uri, "/hs/room");
     assert_eq!(seen.one("x-user-id").as_deref(), Some("via-cookie"));
     assert_eq!(seen.one("cookie"), Some(cookie.clone()));
 
     let bearer = format!("Bearer {from_header}");
-    upgrade_and_echo(&setup, "/hs", &[("Authorization", &bearer)]).await;
+    upgrade_and_echo(via, &setup, "/hs", &[("Authorization", &bearer)]).await;
     let seen = setup.backend.next_request().await;
     assert_eq!(seen.one("x-user-id").as_deref(), Some("via-header"));
     assert_eq!(seen.one("authorization"), Some(bearer));
@@ -169,8 +182,7 @@ async fn jwt_in_query_cookie_or_bearer_header_upgrades_and_echoes() {
     setup.proxy.stop().await;
 }
 
-#[tokio::test]
-async fn jwt_query_beats_cookie_beats_header() {
+async fn jwt_query_beats_cookie_beats_header(via: UpgradePath) {
     let mut setup = setup().await;
     let keys = &setup.keys;
     let good = |sub: &str| keys.hs(&good_claims(sub));
@@ -180,7 +192,8 @@ async fn jwt_query_beats_cookie_beats_header() {
     // All three good: the query's token is the one used.
     let cookie = format!("session={}", good("c"));
     let bearer = format!("Bearer {}", good("h"));
-    let (head, _) = upgrade(
+    let (head, _) = upgrade_via(
+        via,
         addr,
         &format!("/hs?token={}", good("q")),
         &[("Cookie", &cookie), ("Authorization", &bearer)],
@@ -191,7 +204,8 @@ async fn jwt_query_beats_cookie_beats_header() {
     assert_eq!(seen.one("x-user-id").as_deref(), Some("q"));
 
     // No query token: the cookie beats the header.
-    let (head, _) = upgrade(
+    let (head, _) = upgrade_via(
+        via,
         addr,
         "/hs?other=1",
         &[("Cookie", &cookie), ("Authorization", &bearer)],
@@ -203,12 +217,13 @@ async fn jwt_query_beats_cookie_beats_header() {
 
     // A bad token in a stronger place is not rescued by a good one behind it.
     let path = format!("/hs?token={forged}");
-    let (head, body) = upgrade(addr, &path, &[("Authorization", &bearer)]).await;
+    let (head, body) = upgrade_via(via, addr, &path, &[("Authorization", &bearer)]).await;
     assert_token_invalid("bad query, good header", &head, &body, &forged, "signature");
-    let (head, body) = upgrade(addr, &path, &[("Cookie", &cookie)]).await;
+    let (head, body) = upgrade_via(via, addr, &path, &[("Cookie", &cookie)]).await;
     assert_token_invalid("bad query, good cookie", &head, &body, &forged, "signature");
     let bad_cookie = format!("session={forged}");
-    let (head, body) = upgrade(
+    let (head, body) = upgrade_via(
+        via,
         addr,
         "/hs",
         &[("Cookie", &bad_cookie), ("Authorization", &bearer)],
@@ -223,7 +238,8 @@ async fn jwt_query_beats_cookie_beats_header() {
     );
 
     // A good query token wins over a bad cookie.
-    let (head, _) = upgrade(
+    let (head, _) = upgrade_via(
+        via,
         addr,
         &format!("/hs?token={}", good("q2")),
         &[("Cookie", &bad_cookie)],
@@ -237,8 +253,7 @@ async fn jwt_query_beats_cookie_beats_header() {
     setup.proxy.stop().await;
 }
 
-#[tokio::test]
-async fn jwt_missing_token_is_401_token_missing_with_a_bare_bearer_challenge() {
+async fn jwt_missing_token_is_401_token_missing_with_a_bare_bearer_challenge(via: UpgradePath) {
     let mut setup = setup().await;
     let addr = setup.proxy.addr();
     let requests: [(&str, &[(&str, &str)]); 5] = [
@@ -249,7 +264,7 @@ async fn jwt_missing_token_is_401_token_missing_with_a_bare_bearer_challenge() {
         ("/jwks", &[("Authorization", "Bearer ")]),
     ];
     for (path, extra) in requests {
-        let (head, body) = upgrade(addr, path, extra).await;
+        let (head, body) = upgrade_via(via, addr, path, extra).await;
         assert_reject(&head, &body, 401, "token-missing");
         assert_eq!(challenges(&head), ["Bearer"], "{path} {extra:?}");
     }
@@ -257,8 +272,7 @@ async fn jwt_missing_token_is_401_token_missing_with_a_bare_bearer_challenge() {
     setup.proxy.stop().await;
 }
 
-#[tokio::test]
-async fn jwt_every_invalid_token_is_401_token_invalid_and_never_echoed() {
+async fn jwt_every_invalid_token_is_401_token_invalid_and_never_echoed(via: UpgradePath) {
     let mut setup = setup().await;
     let keys = &setup.keys;
     let addr = setup.proxy.addr();
@@ -347,12 +361,13 @@ async fn jwt_every_invalid_token_is_401_token_invalid_and_never_echoed() {
             ),
         ] {
             let extra: Vec<(&str, &str)> = extra.iter().map(|(n, v)| (*n, v.as_str())).collect();
-            let (head, body) = upgrade(addr, &path, &extra).await;
+            let (head, body) = upgrade_via(via, addr, &path, &extra).await;
             assert_token_invalid(&format!("{label} ({place})"), &head, &body, token, detail);
         }
     }
     // Leeway: 3 s past `exp` is within the configured 5 s.
-    let (head, _) = upgrade(
+    let (head, _) = upgrade_via(
+        via,
         addr,
         &format!(
             "/hs?token={}",
@@ -375,18 +390,17 @@ async fn jwt_every_invalid_token_is_401_token_invalid_and_never_echoed() {
     setup.proxy.stop().await;
 }
 
-#[tokio::test]
-async fn jwt_public_keys_pin_the_algorithm_and_refuse_confusion() {
+async fn jwt_public_keys_pin_the_algorithm_and_refuse_confusion(via: UpgradePath) {
     let mut setup = setup().await;
     let keys = &setup.keys;
     let addr = setup.proxy.addr();
     let claims = good_claims("pk-user");
 
     let es = format!("Bearer {}", keys.es(&claims, None));
-    upgrade_and_echo(&setup, "/es", &[("Authorization", &es)]).await;
+    upgrade_and_echo(via, &setup, "/es", &[("Authorization", &es)]).await;
     setup.backend.next_request().await;
     let ed = format!("Bearer {}", keys.ed(&claims, None));
-    upgrade_and_echo(&setup, "/ed", &[("Authorization", &ed)]).await;
+    upgrade_and_echo(via, &setup, "/ed", &[("Authorization", &ed)]).await;
     setup.backend.next_request().await;
 
     let es_pem = std::fs::read(keys.path().join("es256.pem")).unwrap();
@@ -446,25 +460,24 @@ async fn jwt_public_keys_pin_the_algorithm_and_refuse_confusion() {
     ];
     for (label, path, token, detail) in &cases {
         let bearer = format!("Bearer {token}");
-        let (head, body) = upgrade(addr, path, &[("Authorization", &bearer)]).await;
+        let (head, body) = upgrade_via(via, addr, path, &[("Authorization", &bearer)]).await;
         assert_token_invalid(label, &head, &body, token, detail);
     }
     assert_backend_idle(&mut setup.backend);
     setup.proxy.stop().await;
 }
 
-#[tokio::test]
-async fn jwt_jwks_chooses_the_key_by_kid() {
+async fn jwt_jwks_chooses_the_key_by_kid(via: UpgradePath) {
     let mut setup = setup().await;
     let keys = &setup.keys;
     let addr = setup.proxy.addr();
 
     let by_k1 = format!("Bearer {}", keys.es(&good_claims("k1-user"), Some("k1")));
-    upgrade_and_echo(&setup, "/jwks", &[("Authorization", &by_k1)]).await;
+    upgrade_and_echo(via, &setup, "/jwks", &[("Authorization", &by_k1)]).await;
     let seen = setup.backend.next_request().await;
     assert_eq!(seen.one("x-user-id").as_deref(), Some("k1-user"));
     let by_k2 = format!("Bearer {}", keys.ed(&good_claims("k2-user"), Some("k2")));
-    upgrade_and_echo(&setup, "/jwks", &[("Authorization", &by_k2)]).await;
+    upgrade_and_echo(via, &setup, "/jwks", &[("Authorization", &by_k2)]).await;
     let seen = setup.backend.next_request().await;
     assert_eq!(seen.one("x-user-id").as_deref(), Some("k2-user"));
 
@@ -508,15 +521,14 @@ async fn jwt_jwks_chooses_the_key_by_kid() {
     ];
     for (label, token, detail) in &cases {
         let bearer = format!("Bearer {token}");
-        let (head, body) = upgrade(addr, "/jwks", &[("Authorization", &bearer)]).await;
+        let (head, body) = upgrade_via(via, addr, "/jwks", &[("Authorization", &bearer)]).await;
         assert_token_invalid(label, &head, &body, token, detail);
     }
     assert_backend_idle(&mut setup.backend);
     setup.proxy.stop().await;
 }
 
-#[tokio::test]
-async fn jwt_without_the_required_scope_is_403_scope_missing() {
+async fn jwt_without_the_required_scope_is_403_scope_missing(via: UpgradePath) {
     let mut setup = setup().await;
     let keys = &setup.keys;
     let addr = setup.proxy.addr();
@@ -533,7 +545,7 @@ async fn jwt_without_the_required_scope_is_403_scope_missing() {
         ),
     ] {
         let token = keys.hs(&claims_with("no-scope", changes));
-        let (head, body) = upgrade(addr, &format!("/hs?token={token}"), &[]).await;
+        let (head, body) = upgrade_via(via, addr, &format!("/hs?token={token}"), &[]).await;
         assert_reject(&head, &body, 403, "scope-missing");
         assert_eq!(
             challenges(&head),
@@ -550,7 +562,7 @@ async fn jwt_without_the_required_scope_is_403_scope_missing() {
         ),
     ] {
         let token = keys.hs(&claims_with("scoped", changes));
-        let (head, body) = upgrade(addr, &format!("/hs?token={token}"), &[]).await;
+        let (head, body) = upgrade_via(via, addr, &format!("/hs?token={token}"), &[]).await;
         assert_eq!(head.status, 101, "{label}: {body}");
         setup.backend.next_request().await;
     }
@@ -558,15 +570,15 @@ async fn jwt_without_the_required_scope_is_403_scope_missing() {
     setup.proxy.stop().await;
 }
 
-#[tokio::test]
-async fn jwt_forward_claims_are_set_by_the_edge_and_client_copies_never_pass() {
+async fn jwt_forward_claims_are_set_by_the_edge_and_client_copies_never_pass(via: UpgradePath) {
     let mut setup = setup().await;
     let keys = &setup.keys;
     let addr = setup.proxy.addr();
     let token = keys.hs(&good_claims("user-42"));
 
     // Upgrade: the client's own X-User-Id (two copies, odd case) is replaced.
-    let (head, _) = upgrade(
+    let (head, _) = upgrade_via(
+        via,
         addr,
         &format!("/hs?token={token}"),
         &[("X-User-Id", "admin"), ("x-USER-id", "root")],
@@ -578,7 +590,8 @@ async fn jwt_forward_claims_are_set_by_the_edge_and_client_copies_never_pass() {
 
     // A token without the claim: the header is absent, not the client's.
     let anonymous = keys.hs(&claims_with("x", json!({ "sub": null })));
-    let (head, _) = upgrade(
+    let (head, _) = upgrade_via(
+        via,
         addr,
         &format!("/hs?token={anonymous}"),
         &[("X-User-Id", "admin")],
@@ -590,7 +603,8 @@ async fn jwt_forward_claims_are_set_by_the_edge_and_client_copies_never_pass() {
 
     // JWKS route, token in the header.
     let bearer = format!("Bearer {}", keys.ed(&good_claims("ed-user"), Some("k2")));
-    let (head, _) = upgrade(
+    let (head, _) = upgrade_via(
+        via,
         addr,
         "/jwks",
         &[("X-User-Id", "admin"), ("Authorization", &bearer)],
@@ -636,8 +650,7 @@ async fn jwt_forward_claims_are_set_by_the_edge_and_client_copies_never_pass() {
     setup.proxy.stop().await;
 }
 
-#[tokio::test]
-async fn jwt_strip_token_removes_only_the_token_parameter() {
+async fn jwt_strip_token_removes_only_the_token_parameter(via: UpgradePath) {
     let mut setup = setup().await;
     let keys = &setup.keys;
     let addr = setup.proxy.addr();
@@ -655,7 +668,7 @@ async fn jwt_strip_token_removes_only_the_token_parameter() {
         ),
     ];
     for (path, expected) in &cases {
-        let (head, _) = upgrade(addr, path, &[]).await;
+        let (head, _) = upgrade_via(via, addr, path, &[]).await;
         assert_eq!(head.status, 101, "{path}");
         let seen = setup.backend.next_request().await;
         assert_eq!(seen.uri, *expected);
@@ -663,13 +676,19 @@ async fn jwt_strip_token_removes_only_the_token_parameter() {
     }
     // A token from the header leaves the query alone.
     let bearer = format!("Bearer {token}");
-    let (head, _) = upgrade(addr, "/strip?a=1&token=", &[("Authorization", &bearer)]).await;
+    let (head, _) = upgrade_via(
+        via,
+        addr,
+        "/strip?a=1&token=",
+        &[("Authorization", &bearer)],
+    )
+    .await;
     assert_eq!(head.status, 101);
     assert_eq!(setup.backend.next_request().await.uri, "/strip?a=1&token=");
 
     // Without strip_token the query reaches the backend unchanged (see the
     // location test); a route with it but a bad token never reaches it.
-    let (head, body) = upgrade(addr, "/strip?a=1&token=bad", &[]).await;
+    let (head, body) = upgrade_via(via, addr, "/strip?a=1&token=bad", &[]).await;
     assert_reject(&head, &body, 401, "token-invalid");
     assert_backend_idle(&mut setup.backend);
     setup.proxy.stop().await;

@@ -14,5 +14,6 @@ mod forward_auth;
 mod ip;
 mod jwt;
 mod proxy_protocol;
+mod refusals;
 mod report_origins;
 mod subprotocols;

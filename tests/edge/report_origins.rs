@@ -6,8 +6,9 @@ use crate::support::*;
 
 const REPORTS: &str = "wsgate_origin_reports_total";
 
-#[tokio::test]
-async fn report_mode_lets_bad_origins_through_and_counts_them() {
+on_both_paths!(report_mode_lets_bad_origins_through_and_counts_them);
+
+async fn report_mode_lets_bad_origins_through_and_counts_them(path: UpgradePath) {
     let keys = Keys::generate();
     let mut backend = spawn_ws_echo().await;
     let toml = format!(
@@ -39,8 +40,10 @@ async fn report_mode_lets_bad_origins_through_and_counts_them() {
         origin_mode = "report"
         [route.auth]
         jwt_secret_file = "secret.txt"
+        {warmup}
         "#,
-        backend = backend.addr
+        backend = backend.addr,
+        warmup = warmup_config().await,
     );
     let proxy = start_proxy_in(&toml, keys.path()).await;
     let addr = proxy.addr();
@@ -49,14 +52,26 @@ async fn report_mode_lets_bad_origins_through_and_counts_them() {
         |metrics: &str, route: &str| metric(metrics, REPORTS, &[("route", route)]).unwrap_or(0.0);
 
     // An allowed origin is no report.
-    let (head, _) = upgrade(addr, "/report", &[("Origin", "https://app.edge.test")]).await;
+    let (head, _) = upgrade_via(
+        path,
+        addr,
+        "/report",
+        &[("Origin", "https://app.edge.test")],
+    )
+    .await;
     assert_eq!(head.status, 101);
     backend.next_request().await;
     let (_, metrics) = admin_get(admin, "/metrics").await;
     assert_eq!(reports(&metrics, "/report"), 0.0);
 
     // Forbidden: through, byte for byte, and counted.
-    let (head, body) = upgrade(addr, "/report", &[("Origin", "https://EVIL.example:443")]).await;
+    let (head, body) = upgrade_via(
+        path,
+        addr,
+        "/report",
+        &[("Origin", "https://EVIL.example:443")],
+    )
+    .await;
     assert_eq!(head.status, 101, "{body}");
     assert_eq!(header_values(&head, "wsgate-reason"), Vec::<String>::new());
     let seen = backend.next_request().await;
@@ -65,7 +80,7 @@ async fn report_mode_lets_bad_origins_through_and_counts_them() {
     assert_eq!(reports(&metrics, "/report"), 1.0);
 
     // Missing (missing_origin defaults to "reject"): through and counted.
-    let (head, _) = upgrade(addr, "/report", &[]).await;
+    let (head, _) = upgrade_via(path, addr, "/report", &[]).await;
     assert_eq!(head.status, 101);
     assert_eq!(
         backend.next_request().await.all("origin"),
@@ -75,7 +90,8 @@ async fn report_mode_lets_bad_origins_through_and_counts_them() {
     assert_eq!(reports(&metrics, "/report"), 2.0);
 
     // Two Origin values: through and counted.
-    let (head, _) = upgrade(
+    let (head, _) = upgrade_via(
+        path,
         addr,
         "/report",
         &[
@@ -88,16 +104,29 @@ async fn report_mode_lets_bad_origins_through_and_counts_them() {
     backend.next_request().await;
 
     // The same origins are refused where the mode is "enforce".
-    let (head, body) = upgrade(addr, "/enforce", &[("Origin", "https://evil.example")]).await;
+    let (head, body) = upgrade_via(
+        path,
+        addr,
+        "/enforce",
+        &[("Origin", "https://evil.example")],
+    )
+    .await;
     assert_reject(&head, &body, 403, "origin-forbidden");
-    let (head, body) = upgrade(addr, "/enforce", &[]).await;
+    let (head, body) = upgrade_via(path, addr, "/enforce", &[]).await;
     assert_reject(&head, &body, 403, "origin-missing");
 
     // Report mode skips only the origin check: the token is still required.
-    let (head, body) = upgrade(addr, "/report-auth", &[("Origin", "https://evil.example")]).await;
+    let (head, body) = upgrade_via(
+        path,
+        addr,
+        "/report-auth",
+        &[("Origin", "https://evil.example")],
+    )
+    .await;
     assert_reject(&head, &body, 401, "token-missing");
     let bearer = format!("Bearer {}", keys.hs(&good_claims("reported")));
-    let (head, _) = upgrade(
+    let (head, _) = upgrade_via(
+        path,
         addr,
         "/report-auth",
         &[

@@ -53,6 +53,7 @@ async fn setup() -> Setup {
         route("/sp-rogue", "rogue"),
         "[[route]]\npath = \"/free\"\nupstream = \"rogue\"\nmissing_origin = \"allow\"\n"
             .to_owned(),
+        warmup_config().await,
     ]
     .concat();
     let proxy = start_proxy(&toml).await;
@@ -64,14 +65,21 @@ async fn setup() -> Setup {
     }
 }
 
+on_both_paths!(
+    subprotocol_offer_is_narrowed_to_the_allowed_ones_in_client_order,
+    subprotocol_offer_without_an_allowed_one_is_400,
+    subprotocol_selected_outside_the_forwarded_offer_is_502,
+    subprotocol_selected_inside_the_offer_reaches_the_client,
+);
+
 fn addr(setup: &Setup) -> SocketAddr {
     setup.proxy.addr()
 }
 
-#[tokio::test]
-async fn subprotocol_offer_is_narrowed_to_the_allowed_ones_in_client_order() {
+async fn subprotocol_offer_is_narrowed_to_the_allowed_ones_in_client_order(path: UpgradePath) {
     let mut setup = setup().await;
-    let (head, body) = upgrade(
+    let (head, body) = upgrade_via(
+        path,
         addr(&setup),
         "/sp",
         &[(PROTOCOL, "chat.v3, chat.v1, chat.v2")],
@@ -83,7 +91,8 @@ async fn subprotocol_offer_is_narrowed_to_the_allowed_ones_in_client_order() {
     assert_eq!(seen.all("sec-websocket-protocol"), ["chat.v1, chat.v2"]);
 
     // Across several header lines, unknown and case-different tokens dropped.
-    let (head, _) = upgrade(
+    let (head, _) = upgrade_via(
+        path,
         addr(&setup),
         "/sp",
         &[(PROTOCOL, "Chat.V1, chat.v2"), (PROTOCOL, "x, chat.v1")],
@@ -95,9 +104,10 @@ async fn subprotocol_offer_is_narrowed_to_the_allowed_ones_in_client_order() {
     assert_eq!(seen.all("sec-websocket-protocol"), ["chat.v2, chat.v1"]);
 
     // A real client: negotiated, and the tunnel carries data.
-    let (mut ws, response) = ws_connect(addr(&setup), "/sp", &[(PROTOCOL, "chat.v3, chat.v2")])
-        .await
-        .unwrap();
+    let (mut ws, response) =
+        ws_connect_via(path, addr(&setup), "/sp", &[(PROTOCOL, "chat.v3, chat.v2")])
+            .await
+            .unwrap();
     assert_eq!(response.headers()["sec-websocket-protocol"], "chat.v2");
     assert_eq!(
         setup
@@ -121,8 +131,7 @@ async fn subprotocol_offer_is_narrowed_to_the_allowed_ones_in_client_order() {
     setup.proxy.stop().await;
 }
 
-#[tokio::test]
-async fn subprotocol_offer_without_an_allowed_one_is_400() {
+async fn subprotocol_offer_without_an_allowed_one_is_400(path: UpgradePath) {
     let mut setup = setup().await;
     let cases: [(&str, Extra, &str); 5] = [
         ("only x", &[(PROTOCOL, "x")], "(x)"),
@@ -140,7 +149,7 @@ async fn subprotocol_offer_without_an_allowed_one_is_400() {
         ),
     ];
     for (label, extra, offered) in cases {
-        let (head, body) = upgrade(addr(&setup), "/sp", extra).await;
+        let (head, body) = upgrade_via(path, addr(&setup), "/sp", extra).await;
         assert_reject(&head, &body, 400, "subprotocol-forbidden");
         assert!(body.contains(offered), "{label}: {body}");
         assert_eq!(
@@ -149,7 +158,7 @@ async fn subprotocol_offer_without_an_allowed_one_is_400() {
         );
     }
     // A real client gets the same refusal.
-    let error = ws_connect(addr(&setup), "/sp", &[(PROTOCOL, "chat.v9")])
+    let error = ws_connect_via(path, addr(&setup), "/sp", &[(PROTOCOL, "chat.v9")])
         .await
         .unwrap_err();
     match error {
@@ -163,11 +172,16 @@ async fn subprotocol_offer_without_an_allowed_one_is_400() {
     setup.proxy.stop().await;
 }
 
-#[tokio::test]
-async fn subprotocol_selected_outside_the_forwarded_offer_is_502() {
+async fn subprotocol_selected_outside_the_forwarded_offer_is_502(path: UpgradePath) {
     let mut setup = setup().await;
     // chat.v3 was offered by the client but narrowed away: not selectable.
-    let (head, body) = upgrade(addr(&setup), "/sp-rogue", &[(PROTOCOL, "chat.v3, chat.v1")]).await;
+    let (head, body) = upgrade_via(
+        path,
+        addr(&setup),
+        "/sp-rogue",
+        &[(PROTOCOL, "chat.v3, chat.v1")],
+    )
+    .await;
     assert_reject(&head, &body, 502, "upstream-protocol");
     assert!(body.contains("\"chat.v3\""), "{body}");
     assert_eq!(
@@ -179,12 +193,12 @@ async fn subprotocol_selected_outside_the_forwarded_offer_is_502() {
         ["chat.v1"]
     );
     // Never offered at all.
-    let (head, body) = upgrade(addr(&setup), "/sp-rogue", &[(PROTOCOL, "chat.v2")]).await;
+    let (head, body) = upgrade_via(path, addr(&setup), "/sp-rogue", &[(PROTOCOL, "chat.v2")]).await;
     assert_reject(&head, &body, 502, "upstream-protocol");
     setup.rogue.next_request().await;
     // On a route without `subprotocols`, a selection the client did not offer
     // is refused all the same (RFC 6455 §4.1: the client would fail it).
-    let (head, body) = upgrade(addr(&setup), "/free", &[(PROTOCOL, "chat.v1")]).await;
+    let (head, body) = upgrade_via(path, addr(&setup), "/free", &[(PROTOCOL, "chat.v1")]).await;
     assert_reject(&head, &body, 502, "upstream-protocol");
     setup.rogue.next_request().await;
 
@@ -207,10 +221,10 @@ async fn subprotocol_selected_outside_the_forwarded_offer_is_502() {
     setup.proxy.stop().await;
 }
 
-#[tokio::test]
-async fn subprotocol_selected_inside_the_offer_reaches_the_client() {
+async fn subprotocol_selected_inside_the_offer_reaches_the_client(path: UpgradePath) {
     let mut setup = setup().await;
-    let (head, body) = upgrade(
+    let (head, body) = upgrade_via(
+        path,
         addr(&setup),
         "/sp-last",
         &[(PROTOCOL, "chat.v1, chat.v3, chat.v2")],
@@ -226,10 +240,14 @@ async fn subprotocol_selected_inside_the_offer_reaches_the_client() {
             .all("sec-websocket-protocol"),
         ["chat.v1, chat.v2"]
     );
-    let (mut ws, response) =
-        ws_connect(addr(&setup), "/sp-last", &[(PROTOCOL, "chat.v2, chat.v1")])
-            .await
-            .unwrap();
+    let (mut ws, response) = ws_connect_via(
+        path,
+        addr(&setup),
+        "/sp-last",
+        &[(PROTOCOL, "chat.v2, chat.v1")],
+    )
+    .await
+    .unwrap();
     assert_eq!(response.headers()["sec-websocket-protocol"], "chat.v1");
     setup.last.next_request().await;
     within("closing", async {

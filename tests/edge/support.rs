@@ -437,3 +437,165 @@ pub async fn spawn_auth_service() -> HyperServer {
     })
     .await
 }
+
+// ---------------------------------------------------------------------------
+// The two ways an upgrade is served.
+// ---------------------------------------------------------------------------
+
+/// How an upgrade reaches the proxy. `Direct`: it is the connection's first
+/// request (every browser WebSocket), served without hyper.
+/// `AfterPlainRequest`: a plain `GET` answered 200 goes first on the same
+/// keep-alive connection, so the upgrade is served by hyper's service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpgradePath {
+    Direct,
+    AfterPlainRequest,
+}
+
+impl std::fmt::Display for UpgradePath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            UpgradePath::Direct => "direct (first request)",
+            UpgradePath::AfterPlainRequest => "hyper (after a plain request)",
+        })
+    }
+}
+
+/// The path of the warm-up route that [`warmup_config`] adds.
+pub const WARMUP_PATH: &str = "/wsgate-warmup";
+
+/// TOML for a warm-up route on its own plain backend (answering every
+/// request `200 plain ok`), to append at the end of a test's config.
+///
+/// The plain request that puts an upgrade on the hyper path goes here rather
+/// than to the route under test: on the tested routes a plain request would
+/// itself be checked and counted (`wsgate_rejections_total` for 426
+/// `upgrade-required`, 401 `token-missing`, 403 `ip-forbidden`), would ask a
+/// forward-auth service, or would reach the WebSocket backend — and each
+/// test's exact assertions on metrics and on what the services saw must hold
+/// unchanged on both paths. Which route the first request went to does not
+/// matter to the proxy: once a connection's first request was not an
+/// upgrade, every later request on it is hyper's. That the connection stays
+/// usable after a plain request refused on the tested route itself is
+/// checked separately (`check_order`). The route has no IP, origin or auth
+/// policy, so the warm-up is answered 200 whatever the client address.
+pub async fn warmup_config() -> String {
+    let backend = spawn_plain_backend().await;
+    format!(
+        "\n[upstream.wsgate-warmup]\nservers = [\"{}\"]\n\
+         [[route]]\npath = \"{WARMUP_PATH}\"\nupstream = \"wsgate-warmup\"\nwebsocket = \"forbidden\"\n",
+        backend.addr
+    )
+}
+
+/// A connection ready for an upgrade sent the `path` way: fresh for
+/// `Direct`; after a plain `GET` on the warm-up route, read in full (head
+/// and body) and checked to be the backend's 200, for `AfterPlainRequest`.
+pub async fn open_via(path: UpgradePath, addr: SocketAddr) -> TcpStream {
+    let mut stream = connect(addr).await;
+    if path == UpgradePath::AfterPlainRequest {
+        let (head, body) = send_on(
+            &mut stream,
+            plain_request("GET", &format!("{WARMUP_PATH}/page"), &[]).as_bytes(),
+        )
+        .await;
+        assert_eq!(
+            (head.status, head.get("x-backend"), body.as_str()),
+            (200, Some("plain"), "plain ok"),
+            "{path}: the plain request before the upgrade; headers {:?}",
+            head.headers
+        );
+        assert!(
+            !head
+                .get("connection")
+                .is_some_and(|value| value.eq_ignore_ascii_case("close")),
+            "{path}: the plain answer must keep the connection open; headers {:?}",
+            head.headers
+        );
+    }
+    stream
+}
+
+/// `send` over `path`: `request` on a connection opened by [`open_via`]
+/// (for `Direct`, exactly [`send`]).
+pub async fn send_via(
+    path: UpgradePath,
+    addr: SocketAddr,
+    request: &str,
+) -> (Head, String, TcpStream) {
+    if path == UpgradePath::Direct {
+        return send(addr, request).await;
+    }
+    let mut stream = open_via(path, addr).await;
+    let (head, body) = send_on(&mut stream, request.as_bytes()).await;
+    (head, body, stream)
+}
+
+/// `upgrade` over `path` (for `Direct`, exactly [`upgrade`]).
+pub async fn upgrade_via(
+    path: UpgradePath,
+    addr: SocketAddr,
+    target: &str,
+    extra: &[(&str, &str)],
+) -> (Head, String) {
+    if path == UpgradePath::Direct {
+        return upgrade(addr, target, extra).await;
+    }
+    let (head, body, _stream) =
+        send_via(path, addr, &upgrade_request(target, "edge.test", extra)).await;
+    (head, body)
+}
+
+/// `ws_connect` (a real tungstenite client) over `path`.
+pub async fn ws_connect_via(
+    path: UpgradePath,
+    addr: SocketAddr,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> Result<
+    (
+        Ws<TcpStream>,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    tokio_tungstenite::tungstenite::Error,
+> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let stream = open_via(path, addr).await;
+    let mut request = format!("ws://{addr}{target}")
+        .into_client_request()
+        .unwrap();
+    for (name, value) in headers {
+        request.headers_mut().append(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    within(
+        "websocket handshake",
+        tokio_tungstenite::client_async(request, stream),
+    )
+    .await
+}
+
+/// Turns `async fn name(path: UpgradePath)` test bodies into two tests each,
+/// `name::direct` and `name::after_plain_request`, so a failure names the
+/// path it happened on. Each run gets its own proxy and backends (the body
+/// sets them up), so counts and "backend saw nothing more" hold per path.
+macro_rules! on_both_paths {
+    ($($name:ident),+ $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test]
+                async fn direct() {
+                    super::$name(crate::support::UpgradePath::Direct).await;
+                }
+
+                #[tokio::test]
+                async fn after_plain_request() {
+                    super::$name(crate::support::UpgradePath::AfterPlainRequest).await;
+                }
+            }
+        )+
+    };
+}
+pub(crate) use on_both_paths;
