@@ -932,15 +932,22 @@ def summarise(runs: list[dict], works: list[Workload], target_names: list[str]) 
     return rows, medians
 
 
-LABELS = {"nginx": "nginx", "haproxy": "HAProxy", "wsgate": "wsgate", "direct": "direct (ws)"}
+LABELS = {"nginx": "nginx", "haproxy": "HAProxy", "wsgate": "wsgate", "before": "wsgate before",
+          "direct": "direct (ws)"}
 
 
 def markdown(rows: list[Row], target_names: list[str]) -> str:
-    head = ["figure", *[LABELS[t] for t in target_names], "wsgate ÷ better peer", "bar (issue 4)", "met?"]
+    with_before = "before" in target_names
+    head = ["figure", *[LABELS[t] for t in target_names], "wsgate ÷ better peer",
+            *(["wsgate ÷ before"] if with_before else []), "bar (issue 4)", "met?"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
+        since = []
+        if with_before:
+            mine, before = row.values.get("wsgate"), row.values.get("before")
+            since = ["—" if not (mine is not None and before) else f"{mine / before:.2f}×"]
         cells = [row.figure, *[fmt(row.values.get(t)) for t in target_names],
-                 "—" if row.ratio is None else f"{row.ratio:.2f}×", row.bar, row.verdict]
+                 "—" if row.ratio is None else f"{row.ratio:.2f}×", *since, row.bar, row.verdict]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -983,6 +990,9 @@ def parse_args() -> argparse.Namespace:
                         help="comma-separated subset of nginx,haproxy,wsgate,direct")
     parser.add_argument("--no-build", action="store_true", help="use target/release/wsgate as it is")
     parser.add_argument("--out", type=Path, default=OUT / "results.json", help="JSON output path")
+    parser.add_argument("--baseline", type=Path,
+                        help="an earlier wsgate binary, run as the extra target \"before\" with the same "
+                             "config, so a change is measured against its parent in the same run")
     opts = parser.parse_args()
     if opts.quick:
         opts.rounds, opts.duration = 1, 2.0
@@ -991,6 +1001,10 @@ def parse_args() -> argparse.Namespace:
     opts.hold = [int(n) for n in opts.hold.split(",") if n.strip()] if opts.hold else []
     opts.workloads = [w.strip() for w in opts.workloads.split(",")] if opts.workloads else None
     opts.targets = [t.strip() for t in opts.targets.split(",")]
+    if opts.baseline is not None and "before" not in opts.targets:
+        opts.targets.insert(opts.targets.index("wsgate") + 1 if "wsgate" in opts.targets else 0, "before")
+    if "before" in opts.targets and opts.baseline is None:
+        sys.exit("the target \"before\" needs --baseline PATH")
     if any(t not in LABELS for t in opts.targets):
         sys.exit(f"--targets takes a subset of {','.join(LABELS)}")
     return opts
@@ -1023,12 +1037,13 @@ def main() -> int:
     pem = work / "bench.pem"
     pem.write_bytes(cert.read_bytes() + key.read_bytes())
 
-    ports = iter(free_ports(10))
+    ports = iter(free_ports(12))
     backend_port = next(ports)
-    p = {name: {"tls": next(ports), "plain": next(ports)} for name in ("nginx", "haproxy", "wsgate")}
+    p = {name: {"tls": next(ports), "plain": next(ports)} for name in ("nginx", "haproxy", "wsgate", "before")}
     (work / "nginx.conf").write_text(nginx_conf(work, p["nginx"]["tls"], p["nginx"]["plain"], backend_port, cert, key))
     (work / "haproxy.cfg").write_text(haproxy_cfg(p["haproxy"]["tls"], p["haproxy"]["plain"], backend_port, pem))
     (work / "wsgate.toml").write_text(wsgate_toml(p["wsgate"]["tls"], p["wsgate"]["plain"], backend_port, cert, key))
+    (work / "before.toml").write_text(wsgate_toml(p["before"]["tls"], p["before"]["plain"], backend_port, cert, key))
 
     quiet = {"RUST_LOG": "warn"}  # the equivalent of access_log off
     backend = Server("backend", [str(WSGATE), "echo", "--listen", f"{LOOPBACK}:{backend_port}"],
@@ -1042,6 +1057,12 @@ def main() -> int:
         "wsgate": Server("wsgate", [str(WSGATE), "run", "-c", str(work / "wsgate.toml")],
                          list(p["wsgate"].values()), PROXY_CPU, work, quiet),
     }
+    if opts.baseline is not None:
+        # A private copy, like the binary under test: the path may be rebuilt.
+        before = OUT / "wsgate-before"
+        shutil.copy2(opts.baseline, before)
+        servers["before"] = Server("before", [str(before), "run", "-c", str(work / "before.toml")],
+                                   list(p["before"].values()), PROXY_CPU, work, quiet)
 
     def urls(name: str) -> dict[str, str]:
         return {"tls": f"wss://localhost:{p[name]['tls']}/", "plain": f"ws://{LOOPBACK}:{p[name]['plain']}/"}

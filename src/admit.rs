@@ -27,7 +27,7 @@ use crate::policy;
 use crate::router;
 use crate::state::{Route, State};
 use crate::wire;
-use crate::ws::request::UpgradeRequest;
+use crate::wire::request::UpgradeRequest;
 
 /// Holds one unit of `max_connections` until dropped.
 pub(crate) struct ConnectionSlot(Arc<AtomicUsize>);

@@ -7,8 +7,6 @@
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 
-use crate::upstream::ConnectError;
-
 /// Who a refused handshake is blamed on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -16,21 +14,6 @@ pub enum Outcome {
     Rejected,
     /// The backend could not be reached, was too slow, or answered wrongly.
     UpstreamError,
-}
-
-/// A connect failure is the upstream's: a timeout is 504, the rest 502.
-impl From<&ConnectError> for Rejection {
-    fn from(error: &ConnectError) -> Rejection {
-        if error.is_timeout() {
-            Rejection::UpstreamTimeout {
-                detail: error.to_string(),
-            }
-        } else {
-            Rejection::UpstreamUnavailable {
-                detail: error.to_string(),
-            }
-        }
-    }
 }
 
 /// A refusal the proxy answers itself. Details are for the person debugging and

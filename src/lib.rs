@@ -9,30 +9,40 @@
 //! # Layout
 //!
 //! One folder per stage of a connection's path, in the order a connection
-//! meets them; a module only uses the ones below it.
+//! meets them; a module uses only the ones listed after it.
 //!
-//! - [`listen`]: listeners, the accept loop, TLS handshakes, the PROXY
-//!   header, the connection limit, the first request head, reload and drain.
-//!   An upgrade as the first request goes to [`ws`], anything else to [`http`].
-//! - [`http`]: hyper's service: plain requests forwarded with the upstream's
-//!   pooled client, and upgrades that follow other requests on a keep-alive
-//!   connection (handed to [`ws`]).
-//! - [`ws`]: the upgrade request read off the wire, the exchange with the
-//!   backend, the relay of a backend's refusal, and the tunnel.
+//! - [`listen`]: listeners, reload and drain (`mod.rs`); the accept loop,
+//!   the connection limit, TLS handshakes and the first request head
+//!   (`accept.rs`, `first_head.rs`); the PROXY header (`proxy_header.rs`).
+//!   An upgrade as a connection's first request goes to [`ws`], anything
+//!   else to [`http`].
+//! - [`http`]: hyper's service (`mod.rs`) and plain requests forwarded with
+//!   the upstream's pooled client (`forward.rs`); an upgrade that follows
+//!   other requests on a keep-alive connection is handed to [`ws`].
+//! - [`ws`]: the switch on either path (`upgrade.rs`), the exchange with the
+//!   backend (`exchange.rs`), the relay of a backend's refusal
+//!   (`refusal.rs`), the tunnel (`tunnel.rs`) and the frame follower
+//!   (`frame.rs`).
 //! - [`admit`]: the one admission function every request goes through, in
-//!   the contract's order, and where a refusal is logged and counted.
-//! - [`router`] (host + longest path prefix → route) and [`policy`] (the pure
-//!   checks admission calls: IP, request shape, origin, token, scope,
-//!   subprotocol).
-//! - [`headers`]: hop-by-hop stripping, client IP, and the forwarding headers.
-//! - [`upstream`]: backend pools, balancing, connects, health checks.
+//!   the contract's order (route, client IP, shape, origin, token, scope,
+//!   subprotocol), and the one place a refusal is logged and counted.
+//! - [`router`] (host + longest path prefix → route) and [`policy`] (the
+//!   checks admission calls; `policy/auth/` verifies tokens and asks
+//!   forward-auth services).
+//! - [`upstream`]: backend pools and balancing (`mod.rs`), connects and the
+//!   upstream stream (`connect.rs`), health checks (`health.rs`).
+//! - [`state`]: one runtime generation per config; a reload swaps it, and
+//!   the old one is freed with its last connection.
+//! - [`config`]: TOML → validated types (`raw.rs` is the serde shape,
+//!   `auth.rs` builds the auth policies); nothing else reads TOML.
+//! - Beneath them all: [`wire`] (HTTP/1.1 heads as bytes, the upgrade request
+//!   read off the wire), [`headers`] (hop-by-hop stripping, client IP, the
+//!   forwarding headers), [`error`] (every refusal's status, reason and who
+//!   failed), [`stream`] (the connection types), [`body`], [`tls`],
+//!   [`metrics`] and [`admin`].
 //!
-//! Beneath them: [`config`] (TOML → validated types; nothing else reads
-//! TOML), [`state`] (one runtime generation per config), [`error`] (every
-//! refusal's status and reason), [`wire`] (HTTP/1.1 heads as bytes),
-//! [`stream`] (the connection types), [`body`], [`tls`], [`metrics`] and
-//! [`admin`]. The tools in [`tools`] (`demo`, `echo`, `load`) use the
-//! library like any client; the proxy never calls them.
+//! The tools in [`tools`] (`demo`, `echo`, `load`) use the library like any
+//! client; the proxy never calls them.
 
 pub(crate) mod admin;
 pub(crate) mod admit;

@@ -171,14 +171,11 @@ async fn serve(path: &Path, config: Config) -> anyhow::Result<()> {
             // One log line per event: the problems are joined, not listed on lines of their own.
             let outcome = Config::load(&config_path)
                 .map_err(|errors| {
-                    errors
-                        .problems
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join("; ")
+                    let problems: Vec<String> =
+                        errors.problems.iter().map(ToString::to_string).collect();
+                    anyhow::anyhow!(problems.join("; "))
                 })
-                .and_then(|config| reloader.apply(&config));
+                .and_then(|config| Ok(reloader.apply(&config)?));
             if let Err(error) = outcome {
                 tracing::error!(%error, "reload refused; the previous configuration keeps serving");
             }

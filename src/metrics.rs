@@ -14,8 +14,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::ws::tunnel::TunnelOutcome;
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabel {
     route: String,
@@ -231,14 +229,15 @@ impl RouteMetrics {
             .inc();
     }
 
-    pub fn tunnel_closed(&self, outcome: &TunnelOutcome) {
-        self.bytes_to_upstream.inc_by(outcome.client_to_upstream);
-        self.bytes_to_client.inc_by(outcome.upstream_to_client);
+    /// A tunnel that ended for `cause` after moving these bytes each way.
+    pub fn tunnel_closed(&self, cause: &'static str, to_upstream: u64, to_client: u64) {
+        self.bytes_to_upstream.inc_by(to_upstream);
+        self.bytes_to_client.inc_by(to_client);
         self.family
             .tunnels_closed
             .get_or_create(&CauseLabels {
                 route: self.name.clone(),
-                cause: outcome.cause.as_str(),
+                cause,
             })
             .inc();
     }

@@ -8,7 +8,27 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, RouteConfig, ServerConfig};
 use crate::metrics::{Metrics, RouteMetrics};
+use crate::tls::TlsError;
 use crate::upstream::Upstream;
+
+/// Why a validated config could not become runtime state.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("listener[{index}].tls: {source}")]
+    ListenerTls {
+        index: usize,
+        #[source]
+        source: TlsError,
+    },
+    #[error("upstream.{name}: {source}")]
+    Upstream {
+        name: String,
+        #[source]
+        source: TlsError,
+    },
+    #[error("route {route:?} names an unknown upstream")]
+    UnknownUpstream { route: String },
+}
 
 pub struct Route {
     pub config: Arc<RouteConfig>,
@@ -28,37 +48,44 @@ pub struct State {
 }
 
 impl State {
-    pub fn build(config: &Config, metrics: &Arc<Metrics>) -> Result<State, String> {
+    pub fn build(config: &Config, metrics: &Arc<Metrics>) -> Result<State, BuildError> {
         let listener_tls = config
             .listeners
             .iter()
-            .map(|listener| {
+            .enumerate()
+            .map(|(index, listener)| {
                 listener
                     .tls
                     .as_ref()
                     .map(|pairs| crate::tls::server_config(pairs).map(TlsAcceptor::from))
                     .transpose()
+                    .map_err(|source| BuildError::ListenerTls { index, source })
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, BuildError>>()?;
         let mut pools = std::collections::HashMap::new();
         for (name, upstream) in &config.upstreams {
-            pools.insert(name.clone(), Upstream::new(upstream.clone())?);
+            let pool = Upstream::new(upstream.clone()).map_err(|source| BuildError::Upstream {
+                name: name.clone(),
+                source,
+            })?;
+            pools.insert(name.clone(), pool);
         }
         let routes = config
             .routes
             .iter()
             .map(|route| {
-                let upstream = pools
-                    .get(&route.upstream.name)
-                    .cloned()
-                    .ok_or_else(|| format!("route {:?} names an unknown upstream", route.name))?;
+                let upstream = pools.get(&route.upstream.name).cloned().ok_or_else(|| {
+                    BuildError::UnknownUpstream {
+                        route: route.name.clone(),
+                    }
+                })?;
                 Ok(Route {
                     config: route.clone(),
                     upstream,
                     metrics: metrics.route(&route.name),
                 })
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, BuildError>>()?;
         Ok(State {
             server: config.server.clone(),
             routes,

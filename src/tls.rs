@@ -2,13 +2,13 @@
 //! client config for `tls = true` upstreams, and development certificates.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// A certificate chain and its key as loaded from disk, with what the engine
@@ -24,41 +24,88 @@ pub struct CertPair {
     pub self_signed: bool,
 }
 
-/// Which file of a pair failed, relative to its `certs[N]` key.
-#[derive(Debug)]
-pub struct CertError {
-    pub key: &'static str,
-    pub message: String,
+/// Why TLS material cannot be loaded or used. The texts name the file, so a
+/// config problem reads on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {}: {source}", .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: pem::Error,
+    },
+    #[error("{} is not valid PEM: {source}", .path.display())]
+    Pem {
+        path: PathBuf,
+        #[source]
+        source: pem::Error,
+    },
+    #[error("{} holds no CERTIFICATE block", .path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("cannot read a private key from {}: {source}", .path.display())]
+    Key {
+        path: PathBuf,
+        #[source]
+        source: pem::Error,
+    },
+    #[error("unusable private key: {0}")]
+    UnusableKey(#[source] rustls::Error),
+    #[error("the key does not match the certificate: {0}")]
+    KeyMismatch(#[source] rustls::Error),
+    #[error("the first certificate cannot be parsed: {0}")]
+    Leaf(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    #[error("a TLS listener needs at least one certificate")]
+    NoCertificates,
+    #[error("the CA certificate is not usable: {0}")]
+    UnusableCa(#[source] rustls::Error),
+    #[error("the TLS protocol versions are not supported: {0}")]
+    ProtocolVersions(#[source] rustls::Error),
 }
 
-pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+/// Which file of a pair failed, relative to its `certs[N]` key.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {source}")]
+pub struct CertError {
+    /// `cert` or `key`.
+    pub key: &'static str,
+    #[source]
+    pub source: TlsError,
+}
+
+pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|error| format!("cannot read {}: {error}", path.display()))?
+        .map_err(|source| TlsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|error| format!("{} is not valid PEM: {error}", path.display()))?;
+        .map_err(|source| TlsError::Pem {
+            path: path.to_path_buf(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(format!("{} holds no CERTIFICATE block", path.display()));
+        return Err(TlsError::NoCertificate {
+            path: path.to_path_buf(),
+        });
     }
     Ok(certs)
 }
 
 impl CertPair {
     pub fn load(cert_path: &Path, key_path: &Path) -> Result<CertPair, CertError> {
-        let chain = load_certificates(cert_path).map_err(|message| CertError {
+        let cert_error = |source| CertError {
             key: "cert",
-            message,
+            source,
+        };
+        let key_error = |source| CertError { key: "key", source };
+        let chain = load_certificates(cert_path).map_err(cert_error)?;
+        let key = PrivateKeyDer::from_pem_file(key_path).map_err(|source| {
+            key_error(TlsError::Key {
+                path: key_path.to_path_buf(),
+                source,
+            })
         })?;
-        let key = PrivateKeyDer::from_pem_file(key_path).map_err(|error| CertError {
-            key: "key",
-            message: format!(
-                "cannot read a private key from {}: {error}",
-                key_path.display()
-            ),
-        })?;
-        let (names, self_signed) = describe_leaf(&chain[0]).map_err(|message| CertError {
-            key: "cert",
-            message,
-        })?;
+        let Leaf { names, self_signed } = describe_leaf(&chain[0]).map_err(cert_error)?;
         let pair = CertPair {
             cert_path: cert_path.to_path_buf(),
             chain,
@@ -67,30 +114,29 @@ impl CertPair {
             self_signed,
         };
         // Catch a key that does not belong to the certificate now, not at the first handshake.
-        pair.certified_key(&provider())
-            .map_err(|message| CertError {
-                key: "key",
-                message,
-            })?;
+        pair.certified_key(&provider()).map_err(key_error)?;
         Ok(pair)
     }
 
-    fn certified_key(&self, provider: &CryptoProvider) -> Result<CertifiedKey, String> {
+    fn certified_key(&self, provider: &CryptoProvider) -> Result<CertifiedKey, TlsError> {
         let signing_key = provider
             .key_provider
             .load_private_key(self.key.clone_key())
-            .map_err(|error| format!("unusable private key: {error}"))?;
+            .map_err(TlsError::UnusableKey)?;
         let certified = CertifiedKey::new(self.chain.clone(), signing_key);
-        certified
-            .keys_match()
-            .map_err(|error| format!("the key does not match the certificate: {error}"))?;
+        certified.keys_match().map_err(TlsError::KeyMismatch)?;
         Ok(certified)
     }
 }
 
-fn describe_leaf(der: &CertificateDer<'_>) -> Result<(Vec<String>, bool), String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
-        .map_err(|error| format!("the first certificate cannot be parsed: {error}"))?;
+/// What the engine reads from a chain's first certificate.
+struct Leaf {
+    names: Vec<String>,
+    self_signed: bool,
+}
+
+fn describe_leaf(der: &CertificateDer<'_>) -> Result<Leaf, TlsError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(TlsError::Leaf)?;
     let mut names = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
@@ -100,7 +146,7 @@ fn describe_leaf(der: &CertificateDer<'_>) -> Result<(Vec<String>, bool), String
         }
     }
     let self_signed = cert.tbs_certificate.subject.as_raw() == cert.tbs_certificate.issuer.as_raw();
-    Ok((names, self_signed))
+    Ok(Leaf { names, self_signed })
 }
 
 pub fn provider() -> CryptoProvider {
@@ -157,7 +203,7 @@ fn listener_cipher_suites() -> Vec<rustls::SupportedCipherSuite> {
 
 /// Builds the rustls server config for a TLS listener: TLS 1.2+, ALPN
 /// http/1.1, cipher suite chosen by our order (see [`listener_cipher_suites`]).
-pub fn server_config(pairs: &[CertPair]) -> Result<Arc<rustls::ServerConfig>, String> {
+pub fn server_config(pairs: &[CertPair]) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = CryptoProvider {
         cipher_suites: listener_cipher_suites(),
         ..provider()
@@ -182,10 +228,10 @@ pub fn server_config(pairs: &[CertPair]) -> Result<Arc<rustls::ServerConfig>, St
         }
         default.get_or_insert(certified);
     }
-    let default = default.ok_or("a TLS listener needs at least one certificate")?;
+    let default = default.ok_or(TlsError::NoCertificates)?;
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|error| error.to_string())?
+        .map_err(TlsError::ProtocolVersions)?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(SniResolver {
             exact,
@@ -200,17 +246,15 @@ pub fn server_config(pairs: &[CertPair]) -> Result<Arc<rustls::ServerConfig>, St
 /// Client config for `tls = true` upstreams: webpki roots plus the upstream's `ca`.
 pub fn upstream_client_config(
     extra_roots: &[CertificateDer<'static>],
-) -> Result<Arc<rustls::ClientConfig>, String> {
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     for cert in extra_roots {
-        roots
-            .add(cert.clone())
-            .map_err(|error| format!("the CA certificate is not usable: {error}"))?;
+        roots.add(cert.clone()).map_err(TlsError::UnusableCa)?;
     }
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|error| error.to_string())?
+        .map_err(TlsError::ProtocolVersions)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -226,4 +270,59 @@ pub fn generate_dev_certificate(names: &[String]) -> Result<(String, String), rc
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let cert = params.self_signed(&key)?;
     Ok((cert.pem(), key.serialize_pem()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error;
+
+    use super::*;
+
+    #[test]
+    fn a_missing_file_names_it_and_keeps_the_io_error_as_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing.pem");
+        let error = load_certificates(&path).unwrap_err();
+        assert!(matches!(error, TlsError::Read { .. }), "{error:?}");
+        let prefix = format!("cannot read {}: ", path.display());
+        assert!(error.to_string().starts_with(&prefix), "{error}");
+        assert!(error.source().is_some());
+    }
+
+    #[test]
+    fn a_pem_file_without_certificates_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("empty.pem");
+        std::fs::write(&path, "nothing here\n").unwrap();
+        let error = load_certificates(&path).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!("{} holds no CERTIFICATE block", path.display())
+        );
+    }
+
+    #[test]
+    fn a_missing_key_is_the_key_files_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_pem, _) = generate_dev_certificate(&["localhost".to_owned()]).unwrap();
+        let cert = dir.path().join("dev.crt");
+        std::fs::write(&cert, cert_pem).unwrap();
+        let key = dir.path().join("dev.key");
+        let error = CertPair::load(&cert, &key).unwrap_err();
+        assert_eq!(error.key, "key");
+        assert!(matches!(error.source, TlsError::Key { .. }), "{error:?}");
+        assert!(
+            error
+                .source
+                .to_string()
+                .starts_with("cannot read a private key from "),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn server_config_needs_a_certificate() {
+        let error = server_config(&[]).unwrap_err();
+        assert!(matches!(error, TlsError::NoCertificates));
+    }
 }

@@ -235,3 +235,101 @@ async fn sigterm_drains_tunnels_then_cuts_them_after_drain_timeout() {
     );
     assert_eq!(wsgate.wait_exit(), Some(0));
 }
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|entries| entries.count())
+        .unwrap_or(usize::MAX)
+}
+
+/// How many health checks `origin` saw from now until `count` more arrived,
+/// and how long that took.
+async fn time_for_health_checks(origin: &mut HttpOrigin, count: usize) -> Duration {
+    while origin.seen.try_recv().is_ok() {}
+    let started = Instant::now();
+    let mut checks = 0;
+    while checks < count {
+        let seen = origin.next_request().await;
+        if seen.uri == "/healthz" {
+            checks += 1;
+        }
+    }
+    started.elapsed()
+}
+
+/// Each SIGHUP builds a new generation of upstream pools and health-check
+/// loops; once nothing uses the old generation, its loops must stop and its
+/// pooled connections close. Before the fix every reload left both behind: a
+/// pooled connection held its upstream, which held the pool it sat in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_leave_one_generation_of_health_checks_and_pooled_connections() {
+    let mut origin = spawn_http_origin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wsgate.toml");
+    let interval_ms = 100;
+    let config = |generation: usize| {
+        format!(
+            r#"
+[[listener]]
+addr = "127.0.0.1:0"
+
+[upstream.app]
+servers = ["{}"]
+health_check = {{ path = "/healthz", interval = "{interval_ms}ms" }}
+
+[[route]]
+path = "/gen{generation}"
+upstream = "app"
+"#,
+            origin.addr
+        )
+    };
+    std::fs::write(&path, config(0)).unwrap();
+    let mut wsgate = Wsgate::start(&path);
+    let addr = wsgate.listening_addr();
+    let pid = wsgate.child.id();
+
+    // One plain request per generation leaves a pooled connection in that
+    // generation's pool; the client's own connection closes with it.
+    let plain = |generation: usize| {
+        format!("GET /gen{generation} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    };
+    let (head, _, _) = exchange(addr, &plain(0)).await;
+    assert_eq!(head.status, 200);
+    let baseline_fds = open_fds(pid);
+
+    let reloads = 10;
+    for generation in 1..=reloads {
+        std::fs::write(&path, config(generation)).unwrap();
+        wsgate.signal("HUP");
+        wsgate.wait_for_line("configuration reloaded");
+        let (head, _, _) = exchange(addr, &plain(generation)).await;
+        assert_eq!(head.status, 200, "generation {generation}");
+    }
+
+    // One generation's pooled connection stays; the ten before it go.
+    let deadline = Instant::now() + DEADLINE;
+    let mut fds = open_fds(pid);
+    while fds > baseline_fds && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        fds = open_fds(pid);
+    }
+    assert!(
+        fds <= baseline_fds,
+        "{fds} fds open after {reloads} reloads, {baseline_fds} before"
+    );
+
+    // With one loop, 20 checks take 20 intervals; with eleven, under two.
+    // A slow machine only makes this longer, so it cannot fail by noise.
+    let checks = 20;
+    let took = time_for_health_checks(&mut origin, checks).await;
+    let one_generation = Duration::from_millis(interval_ms) * checks as u32;
+    assert!(
+        took >= one_generation * 3 / 4,
+        "{checks} health checks in {took:?}: more than one generation is checking \
+         (one takes about {one_generation:?})"
+    );
+
+    wsgate.signal("TERM");
+    assert_eq!(wsgate.wait_exit(), Some(0));
+}

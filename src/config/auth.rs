@@ -2,7 +2,7 @@
 //! problem found, each with its key path. Keys and secrets are loaded here, so
 //! a reload re-reads them.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::{HeaderName, Uri};
@@ -11,7 +11,7 @@ use super::raw::RawAuth;
 use super::{Problems, resolve};
 use crate::headers::forwarding::FORWARDING;
 use crate::policy::auth::forward::ForwardAuth;
-use crate::policy::auth::jwt::{Keys, Rules};
+use crate::policy::auth::jwt::{KeyError, KeySetError, Keys, Rules};
 use crate::policy::auth::token::Locations;
 use crate::policy::auth::{AuthPolicy, DEFAULT_FORWARD_TIMEOUT, DEFAULT_LEEWAY, JwtAuth, Mode};
 
@@ -36,16 +36,69 @@ const RESERVED: [&str; 14] = [
     "wsgate-reason",
 ];
 
-fn header_name(text: &str) -> Result<HeaderName, String> {
-    let name = HeaderName::from_bytes(text.as_bytes())
-        .map_err(|_| format!("{text:?} is not a header name"))?;
+/// One invalid `[route.auth]` value; the caller pairs it with its key path.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AuthConfigError {
+    #[error("{text:?} is not a header name")]
+    NotHeaderName {
+        text: String,
+        #[source]
+        source: http::header::InvalidHeaderName,
+    },
+    #[error("{text:?} is a header the proxy manages; choose another name such as \"X-User-Id\"")]
+    ManagedHeader { text: String },
+    #[error("{text:?} is not a URL such as \"http://127.0.0.1:9100/check\"")]
+    NotUrl {
+        text: String,
+        #[source]
+        source: http::uri::InvalidUri,
+    },
+    #[error(
+        "{text:?}: https is not supported for forward auth; use http:// to a nearby auth service"
+    )]
+    HttpsForward { text: String },
+    #[error("{text:?} is not an http:// URL such as \"http://127.0.0.1:9100/check\"")]
+    NotHttpUrl { text: String },
+    #[error("{text:?} must be longer than zero")]
+    ZeroDuration { text: String },
+    #[error("{text:?} is not a duration such as \"500ms\", \"30s\" or \"24h\" ({source})")]
+    NotDuration {
+        text: String,
+        #[source]
+        source: humantime::DurationError,
+    },
+    #[error("environment variable {var:?} is not set or empty")]
+    SecretEnvUnset { var: String },
+    #[error("cannot read {}: {source}", .path.display())]
+    SecretFileRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is empty", .path.display())]
+    SecretFileEmpty { path: PathBuf },
+    #[error(transparent)]
+    PublicKey(#[from] KeyError),
+    #[error(transparent)]
+    KeySet(#[from] KeySetError),
+    #[error("no key source is set")]
+    NoKeySource,
+}
+
+fn header_name(text: &str) -> Result<HeaderName, AuthConfigError> {
+    let name = HeaderName::from_bytes(text.as_bytes()).map_err(|source| {
+        AuthConfigError::NotHeaderName {
+            text: text.to_owned(),
+            source,
+        }
+    })?;
     if RESERVED.contains(&name.as_str())
         || FORWARDING.contains(&name)
         || name.as_str().starts_with("sec-websocket-")
     {
-        return Err(format!(
-            "{text:?} is a header the proxy manages; choose another name such as \"X-User-Id\""
-        ));
+        return Err(AuthConfigError::ManagedHeader {
+            text: text.to_owned(),
+        });
     }
     Ok(name)
 }
@@ -120,20 +173,23 @@ pub(crate) fn build(
             );
         }
         let url = parse_forward_url(url)
-            .map_err(|message| problem("forward", message))
+            .map_err(|error| problem("forward", error.to_string()))
             .ok();
         let timeout = parse_duration(
             raw.forward_timeout.as_deref(),
             DEFAULT_FORWARD_TIMEOUT,
             false,
         )
-        .map_err(|message| problem("forward_timeout", message))
+        .map_err(|error| problem("forward_timeout", error.to_string()))
         .ok();
         let mut copy = Vec::new();
         for (index, name) in raw.forward_response_headers.iter().enumerate() {
             match header_name(name) {
                 Ok(name) => copy.push(name),
-                Err(message) => problem(&format!("forward_response_headers[{index}]"), message),
+                Err(error) => problem(
+                    &format!("forward_response_headers[{index}]"),
+                    error.to_string(),
+                ),
             }
         }
         match (url, timeout) {
@@ -162,7 +218,7 @@ pub(crate) fn build(
                 None
             }
             [_] => load_keys(raw, base)
-                .map_err(|(field, message)| problem(field, message))
+                .map_err(|(field, error)| problem(field, error.to_string()))
                 .ok(),
             [first, rest @ ..] => {
                 for name in rest {
@@ -175,7 +231,7 @@ pub(crate) fn build(
             }
         };
         let leeway = parse_duration(raw.leeway.as_deref(), DEFAULT_LEEWAY, true)
-            .map_err(|message| problem("leeway", message))
+            .map_err(|error| problem("leeway", error.to_string()))
             .ok();
         let mut nonempty =
             |field: &str, value: &Option<String>| match value.as_deref().map(str::trim) {
@@ -199,7 +255,7 @@ pub(crate) fn build(
         for (claim, header) in &raw.forward_claims {
             match header_name(header) {
                 Ok(name) => forward_claims.push((claim.clone(), name)),
-                Err(message) => problem(&format!("forward_claims.{claim}"), message),
+                Err(error) => problem(&format!("forward_claims.{claim}"), error.to_string()),
             }
         }
         match (keys, leeway) {
@@ -240,57 +296,57 @@ pub(crate) fn build(
 }
 
 /// Loads the one configured key source; the error names its field.
-fn load_keys(raw: &RawAuth, base: &Path) -> Result<Keys, (&'static str, String)> {
+fn load_keys(raw: &RawAuth, base: &Path) -> Result<Keys, (&'static str, AuthConfigError)> {
     if let Some(var) = &raw.jwt_secret_env {
         return match std::env::var_os(var) {
             Some(secret) if !secret.is_empty() => Ok(Keys::secret(secret.as_encoded_bytes())),
             _ => Err((
                 "jwt_secret_env",
-                format!("environment variable {var:?} is not set or empty"),
+                AuthConfigError::SecretEnvUnset { var: var.clone() },
             )),
         };
     }
     if let Some(file) = &raw.jwt_secret_file {
         let path = resolve(base, file);
-        let bytes = std::fs::read(&path).map_err(|error| {
-            (
-                "jwt_secret_file",
-                format!("cannot read {}: {error}", path.display()),
-            )
-        })?;
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(source) => {
+                return Err((
+                    "jwt_secret_file",
+                    AuthConfigError::SecretFileRead { path, source },
+                ));
+            }
+        };
         // Secret files from `echo`/editors end in a newline that is not part of the secret.
         let end = bytes
             .iter()
             .rposition(|&byte| byte != b'\n' && byte != b'\r')
             .map_or(0, |last| last + 1);
         if end == 0 {
-            return Err(("jwt_secret_file", format!("{} is empty", path.display())));
+            return Err(("jwt_secret_file", AuthConfigError::SecretFileEmpty { path }));
         }
         return Ok(Keys::secret(&bytes[..end]));
     }
     if let Some(file) = &raw.jwt_public_key {
         return Keys::public_key_pem(&resolve(base, file))
-            .map_err(|message| ("jwt_public_key", message));
+            .map_err(|error| ("jwt_public_key", error.into()));
     }
     if let Some(file) = &raw.jwks_file {
-        return Keys::jwks_file(&resolve(base, file))
-            .map_err(|messages| ("jwks_file", messages.join("; ")));
+        return Keys::jwks_file(&resolve(base, file)).map_err(|error| ("jwks_file", error.into()));
     }
-    Err(("", "no key source is set".to_owned()))
+    Err(("", AuthConfigError::NoKeySource))
 }
 
-fn parse_forward_url(text: &str) -> Result<Uri, String> {
-    let uri: Uri = text
-        .parse()
-        .map_err(|_| format!("{text:?} is not a URL such as \"http://127.0.0.1:9100/check\""))?;
+fn parse_forward_url(text: &str) -> Result<Uri, AuthConfigError> {
+    let uri: Uri = text.parse().map_err(|source| AuthConfigError::NotUrl {
+        text: text.to_owned(),
+        source,
+    })?;
+    let text = text.to_owned();
     match (uri.scheme_str(), uri.host()) {
         (Some("http"), Some(_)) => Ok(uri),
-        (Some("https"), _) => Err(format!(
-            "{text:?}: https is not supported for forward auth; use http:// to a nearby auth service"
-        )),
-        _ => Err(format!(
-            "{text:?} is not an http:// URL such as \"http://127.0.0.1:9100/check\""
-        )),
+        (Some("https"), _) => Err(AuthConfigError::HttpsForward { text }),
+        _ => Err(AuthConfigError::NotHttpUrl { text }),
     }
 }
 
@@ -299,13 +355,50 @@ fn parse_duration(
     text: Option<&str>,
     default: Duration,
     zero_ok: bool,
-) -> Result<Duration, String> {
+) -> Result<Duration, AuthConfigError> {
     let Some(text) = text else { return Ok(default) };
     match humantime::parse_duration(text) {
         Ok(value) if zero_ok || !value.is_zero() => Ok(value),
-        Ok(_) => Err(format!("{text:?} must be longer than zero")),
-        Err(error) => Err(format!(
-            "{text:?} is not a duration such as \"500ms\", \"30s\" or \"24h\" ({error})"
-        )),
+        Ok(_) => Err(AuthConfigError::ZeroDuration {
+            text: text.to_owned(),
+        }),
+        Err(source) => Err(AuthConfigError::NotDuration {
+            text: text.to_owned(),
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error;
+
+    use super::*;
+
+    #[test]
+    fn a_bad_duration_keeps_the_parse_error_as_source() {
+        let error = parse_duration(Some("soon"), DEFAULT_LEEWAY, true).unwrap_err();
+        assert!(
+            matches!(error, AuthConfigError::NotDuration { .. }),
+            "{error:?}"
+        );
+        assert!(
+            error.to_string().starts_with("\"soon\" is not a duration"),
+            "{error}"
+        );
+        assert!(error.source().is_some());
+    }
+
+    #[test]
+    fn header_names_are_typed_problems() {
+        assert!(matches!(
+            header_name("bad name"),
+            Err(AuthConfigError::NotHeaderName { .. })
+        ));
+        assert!(matches!(
+            header_name("X-Forwarded-For"),
+            Err(AuthConfigError::ManagedHeader { .. })
+        ));
+        assert!(header_name("X-User-Id").is_ok());
     }
 }

@@ -394,7 +394,10 @@ fn validate_listener(
                 let pair_key = format!("{key}.tls.certs[{index}]");
                 match CertPair::load(&resolve(base, &pair.cert), &resolve(base, &pair.key)) {
                     Ok(loaded) => pairs.push(loaded),
-                    Err(error) => problems.add(format!("{pair_key}.{}", error.key), error.message),
+                    Err(error) => problems.add(
+                        format!("{pair_key}.{}", error.key),
+                        error.source.to_string(),
+                    ),
                 }
             }
             Some(pairs)
@@ -508,7 +511,7 @@ fn validate_upstream(
         if let Some(ca) = &raw.ca {
             match crate::tls::load_certificates(&resolve(base, ca)) {
                 Ok(certs) => extra_roots = certs,
-                Err(message) => problems.add(format!("{key}.ca"), message),
+                Err(error) => problems.add(format!("{key}.ca"), error.to_string()),
             }
         }
         Some(UpstreamTls { extra_roots })

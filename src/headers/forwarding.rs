@@ -4,7 +4,7 @@
 //! The rules are written once, against a [`FieldSink`]: hyper's path applies
 //! them to its `HeaderMap` ([`set_forwarding_headers`]); the WebSocket
 //! upgrade path writes them straight into the head it sends upstream
-//! ([`crate::ws::request`]), which costs a fraction of the map edits.
+//! ([`crate::wire::request`]), which costs a fraction of the map edits.
 
 use std::net::IpAddr;
 

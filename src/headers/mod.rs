@@ -1,7 +1,7 @@
 //! Header rules on the way to the backend: hop-by-hop stripping, WebSocket
 //! upgrade detection and client-IP resolution, over any request head's
 //! [`Fields`]: hyper's `HeaderMap`, or the spans of an upgrade request read
-//! off the wire ([`crate::ws::request`]). The forwarding headers the
+//! off the wire ([`crate::wire::request`]). The forwarding headers the
 //! proxy adds are [`forwarding`]'s.
 
 pub mod forwarding;
@@ -11,6 +11,8 @@ use std::net::IpAddr;
 use http::header::{CONNECTION, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
+
+pub const SEC_WEBSOCKET_PROTOCOL: HeaderName = HeaderName::from_static("sec-websocket-protocol");
 
 /// A request head's fields, looked up by name. The checks every handshake
 /// makes are written once against this, so the upgrade path can run them on

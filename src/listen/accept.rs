@@ -22,7 +22,7 @@ use crate::error::Rejection;
 use crate::state::State;
 use crate::stream::{ClientConn, Prefixed};
 use crate::wire;
-use crate::ws::request::UpgradeRequest;
+use crate::wire::request::UpgradeRequest;
 use crate::ws::upgrade::Tunnel;
 
 pub(super) struct AcceptContext {

@@ -27,8 +27,22 @@ pub(crate) mod proxy_header;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::state::State;
+use crate::state::{BuildError, State};
 use accept::{AcceptContext, accept_loop};
+
+/// Why [`Reloader::apply`] refused a config; the running one keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("listener addresses or TLS on/off changed; restart wsgate to apply that")]
+    ListenersChanged,
+    #[error("cannot build the new configuration: {source}")]
+    Build {
+        #[from]
+        source: BuildError,
+    },
+    #[error("reload state poisoned")]
+    Poisoned,
+}
 
 /// Applies new configs to a running proxy (SIGHUP, or tests).
 #[derive(Clone)]
@@ -42,7 +56,7 @@ pub struct Reloader {
 impl Reloader {
     /// Swaps in `config` for new connections; established ones keep theirs.
     /// Listener addresses cannot change while running: that needs a restart.
-    pub fn apply(&self, config: &Config) -> Result<(), String> {
+    pub fn apply(&self, config: &Config) -> Result<(), ReloadError> {
         let wanted: Vec<(SocketAddr, bool)> = config
             .listeners
             .iter()
@@ -51,12 +65,10 @@ impl Reloader {
         let current = self
             .config_listeners
             .lock()
-            .map_err(|_| "reload state poisoned")?
+            .map_err(|_| ReloadError::Poisoned)?
             .clone();
         if wanted != current {
-            return Err(
-                "listener addresses or TLS on/off changed; restart wsgate to apply that".to_owned(),
-            );
+            return Err(ReloadError::ListenersChanged);
         }
         let state = State::build(config, &self.metrics)?;
         self.state.send_replace(Arc::new(state));

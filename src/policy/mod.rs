@@ -17,7 +17,7 @@ use crate::headers::{Fields, list_tokens};
 
 const SEC_WEBSOCKET_KEY: HeaderName = HeaderName::from_static("sec-websocket-key");
 const SEC_WEBSOCKET_VERSION: HeaderName = HeaderName::from_static("sec-websocket-version");
-pub const SEC_WEBSOCKET_PROTOCOL: HeaderName = HeaderName::from_static("sec-websocket-protocol");
+pub use crate::headers::SEC_WEBSOCKET_PROTOCOL;
 
 /// `allow_ips` (when set) must contain the client, and `deny_ips` must not.
 /// IPv4-mapped IPv6 clients are compared as IPv4.

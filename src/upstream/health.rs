@@ -10,7 +10,24 @@ use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 
 use crate::config::HealthCheck;
-use crate::upstream::Upstream;
+use crate::upstream::{ConnectError, Upstream};
+
+/// Why one server failed its health check (logged at debug).
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("HTTP handshake failed: {0}")]
+    Handshake(#[source] hyper::Error),
+    #[error("invalid health check request: {0}")]
+    Request(#[source] http::Error),
+    #[error("request failed: {0}")]
+    Send(#[source] hyper::Error),
+    #[error("answered {0}")]
+    Status(StatusCode),
+    #[error("timed out")]
+    TimedOut,
+}
 
 pub async fn check_forever(upstream: Weak<Upstream>, check: HealthCheck) {
     let mut ticker = tokio::time::interval(check.interval);
@@ -23,7 +40,7 @@ pub async fn check_forever(upstream: Weak<Upstream>, check: HealthCheck) {
         for index in 0..upstream.config.servers.len() {
             let passed = tokio::time::timeout(check.interval, probe(&upstream, index, &check.path))
                 .await
-                .unwrap_or(Err("timed out".to_owned()));
+                .unwrap_or(Err(ProbeError::TimedOut));
             if let Err(why) = &passed {
                 tracing::debug!(upstream = %upstream.config.name, server = %upstream.config.servers[index], %why, "health check failed");
             }
@@ -32,29 +49,26 @@ pub async fn check_forever(upstream: Weak<Upstream>, check: HealthCheck) {
     }
 }
 
-async fn probe(upstream: &Arc<Upstream>, index: usize, path: &str) -> Result<(), String> {
-    let (stream, _) = upstream
-        .connect_to(index, &[])
-        .await
-        .map_err(|error| error.to_string())?;
+async fn probe(upstream: &Arc<Upstream>, index: usize, path: &str) -> Result<(), ProbeError> {
+    let (stream, _) = upstream.connect_to(index, &[]).await?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
             .await
-            .map_err(|error| error.to_string())?;
+            .map_err(ProbeError::Handshake)?;
     tokio::spawn(connection);
     let host = upstream.config.servers[index].clone();
     let request = Request::get(path)
         .header(http::header::HOST, host)
         .header(http::header::USER_AGENT, "wsgate-health-check")
         .body(Empty::new())
-        .map_err(|error| error.to_string())?;
+        .map_err(ProbeError::Request)?;
     let response = sender
         .send_request(request)
         .await
-        .map_err(|error| error.to_string())?;
+        .map_err(ProbeError::Send)?;
     if response.status() < StatusCode::BAD_REQUEST {
         Ok(())
     } else {
-        Err(format!("answered {}", response.status()))
+        Err(ProbeError::Status(response.status()))
     }
 }

@@ -22,6 +22,7 @@ pub use connect::UpstreamStream;
 use connect::{Lease, StreamKind, tcp_connect};
 
 use crate::config::{Balance, UpstreamConfig};
+use crate::error::Rejection;
 
 /// Why no backend connection could be made.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +45,21 @@ pub enum ConnectError {
 impl ConnectError {
     pub fn is_timeout(&self) -> bool {
         matches!(self, ConnectError::Timeout { .. })
+    }
+}
+
+/// A connect failure is the upstream's: a timeout is 504, the rest 502.
+impl From<&ConnectError> for Rejection {
+    fn from(error: &ConnectError) -> Rejection {
+        if error.is_timeout() {
+            Rejection::UpstreamTimeout {
+                detail: error.to_string(),
+            }
+        } else {
+            Rejection::UpstreamUnavailable {
+                detail: error.to_string(),
+            }
+        }
     }
 }
 
@@ -100,7 +116,7 @@ impl tower_service::Service<http::Uri> for Connector {
 }
 
 impl Upstream {
-    pub fn new(config: Arc<UpstreamConfig>) -> Result<Arc<Upstream>, String> {
+    pub fn new(config: Arc<UpstreamConfig>) -> Result<Arc<Upstream>, crate::tls::TlsError> {
         let tls = match &config.tls {
             Some(tls) => Some(TlsConnector::from(crate::tls::upstream_client_config(
                 &tls.extra_roots,
@@ -262,4 +278,3 @@ impl Upstream {
         Ok((stream, sent))
     }
 }
-

@@ -5,7 +5,7 @@
 //! CPU than everything else in a plaintext handshake (a dispatcher and its
 //! channels per side, the head parsed twice, header-case maps, the upgrade
 //! hand-over), so the upgrade path reads and writes its heads with
-//! `httparse`: the client's request in [`crate::ws::request`], the rest
+//! `httparse`: the client's request in [`crate::wire::request`], the rest
 //! here. Plain HTTP stays with hyper, and so does any first request the
 //! upgrade path declines to parse: hyper then answers it as it would have
 //! anyway.
@@ -18,6 +18,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::headers;
+
+pub(crate) mod request;
 
 /// More fields than this in one head is left to hyper (request) or refused
 /// (an upstream's answer). The slots are left uninitialised: filling 4 KiB

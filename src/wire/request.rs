@@ -16,10 +16,9 @@ use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderName, HeaderValue, Method, Uri, Version};
 
+use super::{self as wire, MAX_HEADERS, push_field};
 use crate::headers::forwarding::{self, FORWARDING, FieldSink, Hop};
-use crate::headers::{self, Fields, HOP_BY_HOP};
-use crate::policy::SEC_WEBSOCKET_PROTOCOL;
-use crate::wire::{self, MAX_HEADERS, push_field};
+use crate::headers::{self, Fields, HOP_BY_HOP, SEC_WEBSOCKET_PROTOCOL};
 
 /// Where a name or value lies in the buffer.
 #[derive(Clone, Copy)]

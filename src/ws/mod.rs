@@ -1,13 +1,12 @@
-//! WebSockets after admission: the upgrade request as read off the wire
-//! ([`request`]), the exchange with the backend ([`exchange`]), the relay of
-//! a backend's refusal ([`refusal`]), the switch on either path
-//! ([`upgrade`]) and the byte splice that follows ([`tunnel`]), which
-//! follows the frames in both directions ([`frame`]).
+//! WebSockets after admission: the exchange with the backend
+//! ([`exchange`]), the relay of a backend's refusal ([`refusal`]), the switch
+//! on either path ([`upgrade`]) and the byte splice that follows
+//! ([`tunnel`]). [`frame`] follows WebSocket frame headers in a byte stream;
+//! the tunnel does not use it yet (the frame-aware tunnel builds on it).
 
 pub(crate) mod exchange;
 #[allow(dead_code)]
 pub(crate) mod frame;
 pub(crate) mod refusal;
-pub(crate) mod request;
 pub(crate) mod tunnel;
 pub(crate) mod upgrade;

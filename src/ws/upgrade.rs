@@ -23,8 +23,8 @@ use crate::error::Rejection;
 use crate::stream::{self, ClientConn, Prefixed};
 use crate::upstream::UpstreamStream;
 use crate::wire;
+use crate::wire::request::UpgradeRequest;
 use crate::ws::exchange::{Answer, Switched, exchange};
-use crate::ws::request::UpgradeRequest;
 use crate::ws::tunnel;
 
 /// The upstream side of a tunnel: the connection the upgrade was sent on,
@@ -187,7 +187,11 @@ async fn run_tunnel(
     )
     .await;
     metrics.tunnels_active.dec();
-    metrics.tunnel_closed(&outcome);
+    metrics.tunnel_closed(
+        outcome.cause.as_str(),
+        outcome.client_to_upstream,
+        outcome.upstream_to_client,
+    );
     tracing::debug!(
         route = %route.config.name,
         %client_ip,

@@ -138,8 +138,11 @@ impl JwtAuth {
                 .ok_or_else(|| Rejection::TokenMissing {
                     looked_in: self.locations.describe(),
                 })?;
-        let claims = jwt::verify(&self.keys, &self.rules, &token, now)
-            .map_err(|detail| Rejection::TokenInvalid { detail })?;
+        let claims = jwt::verify(&self.keys, &self.rules, &token, now).map_err(|error| {
+            Rejection::TokenInvalid {
+                detail: error.to_string(),
+            }
+        })?;
         if let Some(scope) = &self.required_scope {
             if !jwt::has_scope(&claims, scope) {
                 return Err(Rejection::ScopeMissing {
