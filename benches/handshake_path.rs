@@ -259,7 +259,7 @@ fn bench_headers(c: &mut Criterion) {
                 let origin_ok = map
                     .get("origin")
                     .and_then(|value| value.to_str().ok())
-                    .is_some_and(|value| origin::is_allowed(&routes[index].origins, value));
+                    .is_some_and(|value| origin::is_allowed(&routes[index].policy.origins, value));
                 headers::strip_hop_by_hop(map, true);
                 forwarding::set_forwarding_headers(
                     map,

@@ -142,7 +142,7 @@ pub(crate) async fn admit(
             // Without auth, token and scope have nothing to check, and the
             // head is written from the request's spans with no header map.
             if route.config.auth.is_none() {
-                let offer = policy::check_subprotocols(&route.config, &request.passed_on())?;
+                let offer = policy::check_subprotocols(&route.config.policy, &request.passed_on())?;
                 request.encode(&hop, offer.as_ref(), head);
             } else {
                 let mut parts = request.to_parts().ok_or(Rejection::BadHandshake {
@@ -191,10 +191,10 @@ fn check_head<F: Fields + ?Sized>(
     facts.client_ip = headers::client_ip(peer, fields, trusted);
     let config: &RouteConfig = &route.config;
 
-    policy::check_ip(config, facts.client_ip)?;
-    policy::check_shape(config, method, fields, facts.upgrade)?;
+    policy::check_ip(&config.policy, facts.client_ip)?;
+    policy::check_shape(&config.policy, method, fields, facts.upgrade)?;
     if facts.upgrade {
-        if let Some(would_reject) = policy::check_origin(config, fields)? {
+        if let Some(would_reject) = policy::check_origin(&config.policy, &config.name, fields)? {
             route.metrics.origin_reports.inc();
             tracing::warn!(
                 route = %config.name,
@@ -232,7 +232,7 @@ async fn authorise(
         None => None,
     };
     let narrowed_offer = if upgrade {
-        policy::check_subprotocols(config, &parts.headers)?
+        policy::check_subprotocols(&config.policy, &parts.headers)?
     } else {
         None
     };

@@ -14,32 +14,33 @@
 //! - [`listen`]: listeners, reload and drain (`mod.rs`); the accept loop,
 //!   the connection limit, TLS handshakes and the first request head
 //!   (`accept.rs`, `first_head.rs`); the PROXY header (`proxy_header.rs`).
-//!   An upgrade as a connection's first request goes to [`ws`], anything
-//!   else to [`http`].
-//! - [`http`]: hyper's service (`mod.rs`) and plain requests forwarded with
+//!   An upgrade as a connection's first request goes to `ws`, anything
+//!   else to `http`.
+//! - `http`: hyper's service (`mod.rs`) and plain requests forwarded with
 //!   the upstream's pooled client (`forward.rs`); an upgrade that follows
-//!   other requests on a keep-alive connection is handed to [`ws`].
-//! - [`ws`]: the switch on either path (`upgrade.rs`), the exchange with the
+//!   other requests on a keep-alive connection is handed to `ws`.
+//! - `ws`: the switch on either path (`upgrade.rs`), the exchange with the
 //!   backend (`exchange.rs`), the relay of a backend's refusal
 //!   (`refusal.rs`), the tunnel (`tunnel.rs`) and the frame follower
 //!   (`frame.rs`).
-//! - [`admit`]: the one admission function every request goes through, in
+//! - `admit`: the one admission function every request goes through, in
 //!   the contract's order (route, client IP, shape, origin, token, scope,
 //!   subprotocol), and the one place a refusal is logged and counted.
-//! - [`router`] (host + longest path prefix → route) and [`policy`] (the
-//!   checks admission calls; `policy/auth/` verifies tokens and asks
-//!   forward-auth services).
-//! - [`upstream`]: backend pools and balancing (`mod.rs`), connects and the
-//!   upstream stream (`connect.rs`), health checks (`health.rs`).
-//! - [`state`]: one runtime generation per config; a reload swaps it, and
+//! - [`router`]: host + longest path prefix → route.
+//! - `state`: one runtime generation per config; a reload swaps it, and
 //!   the old one is freed with its last connection.
+//! - `upstream`: backend pools and balancing (`mod.rs`), connects and the
+//!   upstream stream (`connect.rs`), health checks (`health.rs`).
 //! - [`config`]: TOML → validated types (`raw.rs` is the serde shape,
 //!   `auth.rs` builds the auth policies); nothing else reads TOML.
-//! - Beneath them all: [`wire`] (HTTP/1.1 heads as bytes, the upgrade request
+//! - [`policy`]: the checks admission calls, pure functions of a route's
+//!   [`policy::RoutePolicy`] and the request head; `policy/auth/` verifies
+//!   tokens and asks forward-auth services.
+//! - Beneath them all: `wire` (HTTP/1.1 heads as bytes, the upgrade request
 //!   read off the wire), [`headers`] (hop-by-hop stripping, client IP, the
-//!   forwarding headers), [`error`] (every refusal's status, reason and who
-//!   failed), [`stream`] (the connection types), [`body`], [`tls`],
-//!   [`metrics`] and [`admin`].
+//!   forwarding headers), `error` (every refusal's status, reason and who
+//!   failed), `stream` (the connection types), `body`, [`tls`],
+//!   `metrics` and `admin`.
 //!
 //! The tools in [`tools`] (`demo`, `echo`, `load`) use the library like any
 //! client; the proxy never calls them.

@@ -20,6 +20,7 @@ use ipnet::IpNet;
 
 use crate::policy::auth::AuthPolicy;
 use crate::policy::origin::OriginPattern;
+pub use crate::policy::{MissingOrigin, OriginMode, RoutePolicy, WebSocketMode};
 use crate::tls::CertPair;
 
 /// One problem in the config file.
@@ -197,25 +198,6 @@ pub struct UpstreamTls {
     pub extra_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WebSocketMode {
-    Required,
-    Allowed,
-    Forbidden,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MissingOrigin {
-    Reject,
-    Allow,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OriginMode {
-    Enforce,
-    Report,
-}
-
 #[derive(Debug)]
 pub struct RouteConfig {
     /// Label in logs and metrics.
@@ -225,16 +207,10 @@ pub struct RouteConfig {
     /// Always starts with `/`; never ends with `/` unless it is `/`.
     pub path: String,
     pub upstream: Arc<UpstreamConfig>,
-    pub websocket: WebSocketMode,
-    /// Empty: no browser origin is allowed.
-    pub origins: Vec<OriginPattern>,
-    pub missing_origin: MissingOrigin,
-    pub origin_mode: OriginMode,
-    pub subprotocols: Option<Vec<String>>,
+    /// What admission checks on this route, besides the token.
+    pub policy: RoutePolicy,
     pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
-    pub allow_ips: Option<Vec<IpNet>>,
-    pub deny_ips: Vec<IpNet>,
     pub auth: Option<Arc<AuthPolicy>>,
 }
 
@@ -700,15 +676,17 @@ fn validate_route(
         host,
         path,
         upstream: upstream?,
-        websocket,
-        origins,
-        missing_origin,
-        origin_mode,
-        subprotocols: raw.subprotocols.clone(),
+        policy: RoutePolicy {
+            websocket,
+            origins,
+            missing_origin,
+            origin_mode,
+            subprotocols: raw.subprotocols.clone(),
+            allow_ips,
+            deny_ips,
+        },
         idle_timeout,
         handshake_timeout,
-        allow_ips,
-        deny_ips,
         auth,
     })
 }

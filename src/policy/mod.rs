@@ -8,12 +8,50 @@ pub mod origin;
 
 use std::net::IpAddr;
 
+use ipnet::IpNet;
+
 use base64::Engine;
 use http::{HeaderName, HeaderValue, Method};
 
-use crate::config::{MissingOrigin, OriginMode, RouteConfig, WebSocketMode};
 use crate::error::Rejection;
 use crate::headers::{Fields, list_tokens};
+
+/// What admission checks on one route, besides the token
+/// ([`auth::AuthPolicy`]): built by [`crate::config`] from the route's keys.
+#[derive(Debug)]
+pub struct RoutePolicy {
+    pub websocket: WebSocketMode,
+    /// Empty: no browser origin is allowed.
+    pub origins: Vec<origin::OriginPattern>,
+    pub missing_origin: MissingOrigin,
+    pub origin_mode: OriginMode,
+    pub subprotocols: Option<Vec<String>>,
+    pub allow_ips: Option<Vec<IpNet>>,
+    pub deny_ips: Vec<IpNet>,
+}
+
+/// `websocket = "required" | "allowed" | "forbidden"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebSocketMode {
+    Required,
+    Allowed,
+    Forbidden,
+}
+
+/// `missing_origin`: whether a handshake without `Origin` (not a browser)
+/// may pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissingOrigin {
+    Reject,
+    Allow,
+}
+
+/// `origin_mode`: refuse a bad origin, or let it through and report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginMode {
+    Enforce,
+    Report,
+}
 
 const SEC_WEBSOCKET_KEY: HeaderName = HeaderName::from_static("sec-websocket-key");
 const SEC_WEBSOCKET_VERSION: HeaderName = HeaderName::from_static("sec-websocket-version");
@@ -21,7 +59,7 @@ pub use crate::headers::SEC_WEBSOCKET_PROTOCOL;
 
 /// `allow_ips` (when set) must contain the client, and `deny_ips` must not.
 /// IPv4-mapped IPv6 clients are compared as IPv4.
-pub fn check_ip(route: &RouteConfig, client: IpAddr) -> Result<(), Rejection> {
+pub fn check_ip(route: &RoutePolicy, client: IpAddr) -> Result<(), Rejection> {
     let client = client.to_canonical();
     let allowed = route
         .allow_ips
@@ -38,7 +76,7 @@ pub fn check_ip(route: &RouteConfig, client: IpAddr) -> Result<(), Rejection> {
 /// with exactly one `Sec-WebSocket-Key` that decodes to 16 bytes and
 /// `Sec-WebSocket-Version: 13`.
 pub fn check_shape<F: Fields + ?Sized>(
-    route: &RouteConfig,
+    route: &RoutePolicy,
     method: &Method,
     fields: &F,
     upgrade: bool,
@@ -87,10 +125,11 @@ pub fn check_shape<F: Fields + ?Sized>(
 /// The origin decision. In report mode a would-be rejection is handed back as
 /// `Ok(Some(..))` so the proxy can log and count it and carry on.
 pub fn check_origin<F: Fields + ?Sized>(
-    route: &RouteConfig,
+    route: &RoutePolicy,
+    route_name: &str,
     fields: &F,
 ) -> Result<Option<Rejection>, Rejection> {
-    let verdict = origin_verdict(route, fields);
+    let verdict = origin_verdict(route, route_name, fields);
     match (verdict, route.origin_mode) {
         (Ok(()), _) => Ok(None),
         (Err(rejection), OriginMode::Report) => Ok(Some(rejection)),
@@ -98,7 +137,11 @@ pub fn check_origin<F: Fields + ?Sized>(
     }
 }
 
-fn origin_verdict<F: Fields + ?Sized>(route: &RouteConfig, fields: &F) -> Result<(), Rejection> {
+fn origin_verdict<F: Fields + ?Sized>(
+    route: &RoutePolicy,
+    route_name: &str,
+    fields: &F,
+) -> Result<(), Rejection> {
     let mut values = fields.values(&http::header::ORIGIN);
     let value = match (values.next(), values.next()) {
         (None, _) => {
@@ -121,12 +164,12 @@ fn origin_verdict<F: Fields + ?Sized>(route: &RouteConfig, fields: &F) -> Result
     let detail = if route.origins.is_empty() {
         format!(
             "origin {text:?} is not allowed: route {:?} lists no origins",
-            route.name
+            route_name
         )
     } else {
         format!(
             "origin {text:?} is not in the allowlist of route {:?}",
-            route.name
+            route_name
         )
     };
     Err(Rejection::OriginForbidden { detail })
@@ -137,7 +180,7 @@ fn origin_verdict<F: Fields + ?Sized>(route: &RouteConfig, fields: &F) -> Result
 /// the backend can only pick an allowed one. Returns the header value to
 /// forward, or `None` to leave the request as it is.
 pub fn check_subprotocols<F: Fields + ?Sized>(
-    route: &RouteConfig,
+    route: &RoutePolicy,
     fields: &F,
 ) -> Result<Option<HeaderValue>, Rejection> {
     let Some(allowed) = &route.subprotocols else {
@@ -170,7 +213,7 @@ pub fn check_subprotocols<F: Fields + ?Sized>(
 /// the client's offer; a route's `subprotocols` narrowed what the backend
 /// saw of it, so the choice must be allowed too.
 pub fn check_selected_subprotocol<F: Fields + ?Sized>(
-    route: &RouteConfig,
+    route: &RoutePolicy,
     request: &F,
     selected: &[bytes::Bytes],
 ) -> Result<(), Rejection> {

@@ -103,7 +103,7 @@ pub(crate) async fn exchange<F: Fields + ?Sized>(
             detail: format!("upstream {name:?} answered 101 without Upgrade: websocket"),
         });
     }
-    policy::check_selected_subprotocol(&route.config, offered, &head.selected_protocols)?;
+    policy::check_selected_subprotocol(&route.config.policy, offered, &head.selected_protocols)?;
     route.metrics.upgraded.inc();
     route
         .metrics
