@@ -44,6 +44,13 @@ struct CauseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CloseLabels {
+    route: String,
+    from: &'static str,
+    code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabels {
     route: String,
     status: u16,
@@ -65,6 +72,9 @@ pub struct Metrics {
     tunnels_active: Family<RouteLabel, Gauge>,
     tunnel_bytes: Family<DirectionLabels, Counter>,
     tunnels_closed: Family<CauseLabels, Counter>,
+    tunnel_closes: Family<CloseLabels, Counter>,
+    messages: Family<DirectionLabels, Counter>,
+    frame_tracking_lost: Family<RouteLabel, Counter>,
     handshake_duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
     http_requests: Family<StatusLabels, Counter>,
     origin_reports: Family<RouteLabel, Counter>,
@@ -84,6 +94,9 @@ impl Metrics {
         let tunnels_active = Family::default();
         let tunnel_bytes = Family::default();
         let tunnels_closed = Family::default();
+        let tunnel_closes = Family::default();
+        let messages = Family::default();
+        let frame_tracking_lost = Family::default();
         let handshake_duration =
             Family::new_with_constructor(duration_histogram as fn() -> Histogram);
         let http_requests = Family::default();
@@ -115,6 +128,21 @@ impl Metrics {
             tunnels_closed.clone(),
         );
         registry.register(
+            "wsgate_tunnel_closes",
+            "Tunnels ended, by the first Close frame's code and sender (from=\"none\", code=\"1006\": no Close frame either way)",
+            tunnel_closes.clone(),
+        );
+        registry.register(
+            "wsgate_messages",
+            "WebSocket data messages through tunnels",
+            messages.clone(),
+        );
+        registry.register(
+            "wsgate_frame_tracking_lost",
+            "Tunnels whose bytes stopped being valid WebSocket framing (passed on unfollowed)",
+            frame_tracking_lost.clone(),
+        );
+        registry.register(
             "wsgate_handshake_duration_seconds",
             "Time from request head to the 101 being sent",
             handshake_duration.clone(),
@@ -136,6 +164,9 @@ impl Metrics {
             tunnels_active,
             tunnel_bytes,
             tunnels_closed,
+            tunnel_closes,
+            messages,
+            frame_tracking_lost,
             handshake_duration,
             http_requests,
             origin_reports,
@@ -161,8 +192,8 @@ impl Metrics {
                 })
                 .clone()
         };
-        let direction = |direction| {
-            self.tunnel_bytes
+        let direction = |family: &Family<DirectionLabels, Counter>, direction| {
+            family
                 .get_or_create(&DirectionLabels {
                     route: name.clone(),
                     direction,
@@ -177,8 +208,11 @@ impl Metrics {
             rejected: outcome("rejected"),
             upstream_error: outcome("upstream_error"),
             tunnels_active: self.tunnels_active.get_or_create(&label).clone(),
-            bytes_to_upstream: direction("client_to_upstream"),
-            bytes_to_client: direction("upstream_to_client"),
+            bytes_to_upstream: direction(&self.tunnel_bytes, "client_to_upstream"),
+            bytes_to_client: direction(&self.tunnel_bytes, "upstream_to_client"),
+            messages_to_upstream: direction(&self.messages, "client_to_upstream"),
+            messages_to_client: direction(&self.messages, "upstream_to_client"),
+            frame_tracking_lost: self.frame_tracking_lost.get_or_create(&label).clone(),
             handshake_duration: self.handshake_duration.get_or_create(&label).clone(),
             origin_reports: self.origin_reports.get_or_create(&label).clone(),
             family: self.clone(),
@@ -196,6 +230,9 @@ pub struct RouteMetrics {
     pub tunnels_active: Gauge,
     pub bytes_to_upstream: Counter,
     pub bytes_to_client: Counter,
+    pub messages_to_upstream: Counter,
+    pub messages_to_client: Counter,
+    pub frame_tracking_lost: Counter,
     pub handshake_duration: Histogram,
     pub origin_reports: Counter,
     family: Arc<Metrics>,
@@ -229,15 +266,22 @@ impl RouteMetrics {
             .inc();
     }
 
-    /// A tunnel that ended for `cause` after moving these bytes each way.
-    pub fn tunnel_closed(&self, cause: &'static str, to_upstream: u64, to_client: u64) {
-        self.bytes_to_upstream.inc_by(to_upstream);
-        self.bytes_to_client.inc_by(to_client);
+    /// A tunnel that ended for `cause`, its closing handshake begun by
+    /// `from` with `code` (`"none"`, 1006 without one).
+    pub fn tunnel_closed(&self, cause: &'static str, from: &'static str, code: u16) {
         self.family
             .tunnels_closed
             .get_or_create(&CauseLabels {
                 route: self.name.clone(),
                 cause,
+            })
+            .inc();
+        self.family
+            .tunnel_closes
+            .get_or_create(&CloseLabels {
+                route: self.name.clone(),
+                from,
+                code,
             })
             .inc();
     }

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::stream::HoldForFin;
+use crate::ws::frame::{Control, Event, FrameFollower, Violation};
 
 /// `ready!` that also propagates the error as `Poll::Ready(Err)`.
 macro_rules! ready_or_return {
@@ -70,12 +71,79 @@ pub struct TunnelOutcome {
     pub cause: CloseCause,
     pub client_to_upstream: u64,
     pub upstream_to_client: u64,
+    /// Data messages each way (a message counted at its last frame).
+    pub messages_to_upstream: u64,
+    pub messages_to_client: u64,
+    /// The first Close frame of the closing handshake: who sent it, and its
+    /// code (`None`: a Close without one, 1005). `None` when no Close frame
+    /// passed either way: what a browser reports as 1006.
+    pub close: Option<(Side, Option<u16>)>,
+    /// A direction whose bytes stopped being valid framing, and why; its
+    /// frames were no longer followed (the bytes still passed).
+    pub lost: Option<(Side, Violation)>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Side {
+pub enum Side {
     Client,
     Upstream,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+        }
+    }
+
+    fn ended(self) -> CloseCause {
+        match self {
+            Side::Client => CloseCause::Client,
+            Side::Upstream => CloseCause::Upstream,
+        }
+    }
+}
+
+/// What one direction's frame headers told us. Following costs a header
+/// parse per frame; payloads are skipped by length, never read.
+struct Frames {
+    follower: FrameFollower,
+    messages: u64,
+    /// The first Close frame this direction carried, and its code.
+    close: Option<Option<u16>>,
+    lost: Option<Violation>,
+}
+
+impl Frames {
+    fn new() -> Frames {
+        Frames {
+            follower: FrameFollower::new(),
+            messages: 0,
+            close: None,
+            lost: None,
+        }
+    }
+
+    fn follow(&mut self, data: &[u8]) {
+        let Frames {
+            follower,
+            messages,
+            close,
+            lost,
+        } = self;
+        // Every byte goes on whatever the follower makes of it: a stream that
+        // is not valid framing only stops being followed.
+        let _ = follower.feed(data, |_, event| {
+            match event {
+                Event::MessageEnd { .. } => *messages += 1,
+                Event::Close { code } if close.is_none() => *close = Some(code),
+                Event::Lost(violation) => *lost = Some(violation),
+                _ => {}
+            }
+            Control::Continue
+        });
+    }
 }
 
 /// One direction of the splice.
@@ -87,6 +155,7 @@ struct Pump {
     read_closed: bool,
     finished: bool,
     bytes: u64,
+    frames: Frames,
 }
 
 enum PumpError {
@@ -103,7 +172,13 @@ impl Pump {
             read_closed: false,
             finished: false,
             bytes: 0,
+            frames: Frames::new(),
         }
+    }
+
+    /// Whether everything read has been written and flushed.
+    fn caught_up(&self) -> bool {
+        self.backlog_written == self.backlog.len() && !self.needs_flush
     }
 
     /// Drives this direction as far as it can go; `Ready` once the reader hit
@@ -197,6 +272,7 @@ impl Pump {
         if !data.is_empty() {
             *moved = true;
             self.bytes += data.len() as u64;
+            self.frames.follow(data);
             // Our FIN goes out right after these bytes: let it ride with them.
             let fin_follows = matches!(end, ReadEnd::Eof) && !writer_sent_fin;
             let mut written = 0;
@@ -322,7 +398,9 @@ where
 {
     let mut to_upstream = Pump::new();
     let mut to_client = Pump::new();
-    // Whoever sends the first FIN closed the tunnel; the other side only followed.
+    // Whoever sent the first Close frame closed the tunnel, or without one,
+    // whoever sent the first FIN; the other side only followed.
+    let mut first_close: Option<Side> = None;
     let mut first_eof: Option<Side> = None;
     let mut last_activity = Instant::now();
     let idle = tokio::time::sleep(idle_timeout);
@@ -346,19 +424,29 @@ where
             to_upstream.read_closed,
             &mut moved,
         );
+        // Upward is pumped first, so when both Closes were read in one
+        // poll the backend's can be an answer to the client's, never the
+        // other way round.
+        if first_close.is_none() {
+            if to_upstream.frames.close.is_some() {
+                first_close = Some(Side::Client);
+            } else if to_client.frames.close.is_some() {
+                first_close = Some(Side::Upstream);
+            }
+        }
         for (result, read_side, write_side) in [
             (&upward, Side::Client, Side::Upstream),
             (&downward, Side::Upstream, Side::Client),
         ] {
-            match result {
-                Poll::Ready(Err(PumpError::Read(error))) => {
-                    return Poll::Ready(cause_of(error, read_side));
-                }
-                Poll::Ready(Err(PumpError::Write(error))) => {
-                    return Poll::Ready(cause_of(error, write_side));
-                }
-                _ => {}
-            }
+            let cause = match result {
+                Poll::Ready(Err(PumpError::Read(error))) => cause_of(error, read_side),
+                Poll::Ready(Err(PumpError::Write(error))) => cause_of(error, write_side),
+                _ => continue,
+            };
+            return Poll::Ready(match (cause, first_close) {
+                (CloseCause::Client | CloseCause::Upstream, Some(closer)) => closer.ended(),
+                (cause, _) => cause,
+            });
         }
         if to_upstream.read_closed && first_eof.is_none() {
             first_eof = Some(Side::Client);
@@ -366,11 +454,19 @@ where
         if to_client.read_closed && first_eof.is_none() {
             first_eof = Some(Side::Upstream);
         }
+        let ended_by = first_close.or(first_eof).unwrap_or(Side::Client).ended();
         if upward.is_ready() && downward.is_ready() {
-            return Poll::Ready(match first_eof {
-                Some(Side::Upstream) => CloseCause::Upstream,
-                _ => CloseCause::Client,
-            });
+            return Poll::Ready(ended_by);
+        }
+        // RFC 6455 §7.1.1: once Close frames have passed both ways the
+        // connection is done, so the first FIN (passed on) ends the tunnel;
+        // a peer that keeps its socket open must not hold it, nor a drain.
+        let handshake_done = to_upstream.frames.close.is_some() && to_client.frames.close.is_some();
+        if handshake_done
+            && ((upward.is_ready() && to_client.caught_up())
+                || (downward.is_ready() && to_upstream.caught_up()))
+        {
+            return Poll::Ready(ended_by);
         }
         if cancelled.as_mut().poll(cx).is_ready() {
             return Poll::Ready(CloseCause::Drain);
@@ -391,10 +487,26 @@ where
     })
     .await;
 
+    let close = first_close.map(|side| {
+        let frames = match side {
+            Side::Client => &to_upstream.frames,
+            Side::Upstream => &to_client.frames,
+        };
+        (side, frames.close.flatten())
+    });
+    let lost = match (to_upstream.frames.lost, to_client.frames.lost) {
+        (Some(violation), _) => Some((Side::Client, violation)),
+        (None, Some(violation)) => Some((Side::Upstream, violation)),
+        (None, None) => None,
+    };
     TunnelOutcome {
         cause,
         client_to_upstream: to_upstream.bytes,
         upstream_to_client: to_client.bytes,
+        messages_to_upstream: to_upstream.frames.messages,
+        messages_to_client: to_client.frames.messages,
+        close,
+        lost,
     }
 }
 
@@ -444,23 +556,31 @@ mod tests {
         }
     }
 
-    async fn finished(task: JoinHandle<TunnelOutcome>) -> TunnelOutcome {
-        timeout(DEADLINE, task)
+    /// The cause and byte counts of a finished splice: these tests send
+    /// bytes that are not WebSocket framing, so the frame facts are
+    /// asserted by the tests that send frames.
+    async fn finished(task: JoinHandle<TunnelOutcome>) -> (CloseCause, u64, u64) {
+        let outcome = timeout(DEADLINE, task)
             .await
             .expect("splice did not return in time")
-            .expect("splice task panicked")
+            .expect("splice task panicked");
+        bytes_and_cause(outcome)
+    }
+
+    fn bytes_and_cause(outcome: TunnelOutcome) -> (CloseCause, u64, u64) {
+        (
+            outcome.cause,
+            outcome.client_to_upstream,
+            outcome.upstream_to_client,
+        )
     }
 
     fn outcome(
         cause: CloseCause,
         client_to_upstream: u64,
         upstream_to_client: u64,
-    ) -> TunnelOutcome {
-        TunnelOutcome {
-            cause,
-            client_to_upstream,
-            upstream_to_client,
-        }
+    ) -> (CloseCause, u64, u64) {
+        (cause, client_to_upstream, upstream_to_client)
     }
 
     /// Bytes whose period (251, a prime) lines up with no buffer size, so a
@@ -759,7 +879,7 @@ mod tests {
         )
         .await
         .expect("splice did not return in time");
-        assert_eq!(ended, outcome(CloseCause::Drain, 0, 0));
+        assert_eq!(bytes_and_cause(ended), outcome(CloseCause::Drain, 0, 0));
     }
 
     #[tokio::test]
@@ -901,10 +1021,177 @@ mod tests {
             // to the failing writer — whichever of the two fails.
             let (to_upstream, to_client) = if client_fails { (0, 3) } else { (3, 0) };
             assert_eq!(
-                ended,
+                bytes_and_cause(ended),
                 outcome(cause, to_upstream, to_client),
                 "client_fails={client_fails} read={read:?} write={write:?}"
             );
         }
+    }
+
+    /// One data or control frame with a payload under 126 bytes; masked
+    /// when it goes upstream, as a client's must be.
+    fn frame(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+        let mut bytes = vec![first];
+        match mask {
+            None => {
+                bytes.push(payload.len() as u8);
+                bytes.extend_from_slice(payload);
+            }
+            Some(key) => {
+                bytes.push(0x80 | payload.len() as u8);
+                bytes.extend_from_slice(&key);
+                bytes.extend(payload.iter().zip(key.iter().cycle()).map(|(b, k)| b ^ k));
+            }
+        }
+        bytes
+    }
+
+    const MASK: Option<[u8; 4]> = Some([0x37, 0xfa, 0x21, 0x3d]);
+
+    fn close(code: u16, mask: Option<[u8; 4]>) -> Vec<u8> {
+        crate::ws::frame::encode_close(code, "", mask).to_vec()
+    }
+
+    async fn splice_outcome(task: JoinHandle<TunnelOutcome>) -> TunnelOutcome {
+        timeout(DEADLINE, task)
+            .await
+            .expect("splice did not return in time")
+            .expect("splice task panicked")
+    }
+
+    /// RFC 6455 §7.1.1: after Close frames both ways the first FIN ends the
+    /// tunnel, even while the client keeps its socket open; the client
+    /// started the closing handshake, so the cause is the client's although
+    /// the backend's FIN came first.
+    #[tokio::test]
+    async fn closing_handshake_then_one_fin_ends_the_tunnel() {
+        let mut tunnel = start(4096, NEVER_IDLE);
+        let hello = frame(0x81, b"hello", MASK);
+        let client_close = close(1000, MASK);
+        let mut sent = hello.clone();
+        sent.extend_from_slice(&client_close);
+        send(&mut tunnel.client, &sent).await;
+        assert_eq!(receive(&mut tunnel.upstream, sent.len()).await, sent);
+
+        let reply = frame(0x81, b"bye", None);
+        let server_close = close(1000, None);
+        let mut answered = reply.clone();
+        answered.extend_from_slice(&server_close);
+        send(&mut tunnel.upstream, &answered).await;
+        fin(&mut tunnel.upstream).await;
+        // The client neither reads nor closes: the tunnel ends anyway.
+        let outcome = splice_outcome(tunnel.task).await;
+        assert_eq!(outcome.cause, CloseCause::Client);
+        assert_eq!(outcome.close, Some((Side::Client, Some(1000))));
+        assert_eq!(
+            (outcome.client_to_upstream, outcome.upstream_to_client),
+            (sent.len() as u64, answered.len() as u64)
+        );
+        assert_eq!(
+            (outcome.messages_to_upstream, outcome.messages_to_client),
+            (1, 1)
+        );
+        assert_eq!(outcome.lost, None);
+        // Everything the backend sent still reached the client, then EOF.
+        assert_eq!(receive_to_eof(&mut tunnel.client).await, answered);
+    }
+
+    /// The backend's Close starts the handshake; the client answers and
+    /// sends the first FIN: the cause is still the backend's.
+    #[tokio::test]
+    async fn the_side_whose_close_came_first_ended_it() {
+        let mut tunnel = start(4096, NEVER_IDLE);
+        let server_close = close(1001, None);
+        send(&mut tunnel.upstream, &server_close).await;
+        assert_eq!(
+            receive(&mut tunnel.client, server_close.len()).await,
+            server_close
+        );
+        let client_close = close(1001, MASK);
+        send(&mut tunnel.client, &client_close).await;
+        fin(&mut tunnel.client).await;
+        let outcome = splice_outcome(tunnel.task).await;
+        assert_eq!(outcome.cause, CloseCause::Upstream);
+        assert_eq!(outcome.close, Some((Side::Upstream, Some(1001))));
+        assert_eq!(
+            receive_to_eof(&mut tunnel.upstream).await,
+            client_close,
+            "the client's Close and FIN reach the backend"
+        );
+    }
+
+    /// Fragments count as one message, control frames as none, a Close
+    /// without a code is recorded as such, and frames split across reads
+    /// anywhere are followed.
+    #[tokio::test]
+    async fn messages_are_counted_once_each_across_fragments_and_splits() {
+        let mut tunnel = start(4096, NEVER_IDLE);
+        let mut stream = Vec::new();
+        stream.extend(frame(0x01, b"frag", MASK)); // Text, FIN clear
+        stream.extend(frame(0x89, b"ping", MASK)); // a Ping between fragments
+        stream.extend(frame(0x00, b"ment", MASK)); // continuation, FIN clear
+        stream.extend(frame(0x80, b"ed", MASK)); // last fragment
+        stream.extend(frame(0x82, &[1, 2, 3], MASK)); // one Binary message
+        stream.extend(frame(0x88, b"", MASK)); // Close without a code
+        for piece in stream.chunks(3) {
+            send(&mut tunnel.client, piece).await;
+            assert_eq!(receive(&mut tunnel.upstream, piece.len()).await, piece);
+        }
+        fin(&mut tunnel.client).await;
+        assert_eq!(receive_to_eof(&mut tunnel.upstream).await, b"");
+        fin(&mut tunnel.upstream).await;
+        let outcome = splice_outcome(tunnel.task).await;
+        assert_eq!(
+            (outcome.messages_to_upstream, outcome.messages_to_client),
+            (2, 0)
+        );
+        assert_eq!(outcome.close, Some((Side::Client, None)));
+        assert_eq!(outcome.cause, CloseCause::Client);
+    }
+
+    /// Bytes that are not valid framing pass unchanged; the follower gives
+    /// up on that direction and says why, and nothing is closed for it.
+    #[tokio::test]
+    async fn invalid_framing_passes_through_and_is_reported() {
+        let mut tunnel = start(4096, NEVER_IDLE);
+        let mut garbage = frame(0x83, b"reserved opcode", MASK);
+        garbage.extend(frame(0x81, b"after", MASK));
+        send(&mut tunnel.client, &garbage).await;
+        assert_eq!(receive(&mut tunnel.upstream, garbage.len()).await, garbage);
+        let reply = frame(0x81, b"still here", None);
+        send(&mut tunnel.upstream, &reply).await;
+        assert_eq!(receive(&mut tunnel.client, reply.len()).await, reply);
+        fin(&mut tunnel.upstream).await;
+        // The upstream's FIN has been passed on before the client's is sent.
+        assert_eq!(receive_to_eof(&mut tunnel.client).await, b"");
+        fin(&mut tunnel.client).await;
+        let outcome = splice_outcome(tunnel.task).await;
+        assert_eq!(
+            outcome.lost,
+            Some((Side::Client, Violation::ReservedOpcode(3)))
+        );
+        assert_eq!(outcome.messages_to_client, 1);
+        assert_eq!(outcome.close, None);
+        assert_eq!(outcome.cause, CloseCause::Upstream);
+    }
+
+    /// A Close one way only is no finished handshake: the tunnel waits for
+    /// both FINs as before.
+    #[tokio::test]
+    async fn a_close_one_way_only_keeps_the_old_half_close_rule() {
+        let mut tunnel = start(4096, NEVER_IDLE);
+        let client_close = close(1000, MASK);
+        send(&mut tunnel.client, &client_close).await;
+        fin(&mut tunnel.client).await;
+        assert_eq!(receive_to_eof(&mut tunnel.upstream).await, client_close);
+        // The backend still talks and the tunnel is still open.
+        let late = frame(0x81, b"late", None);
+        send(&mut tunnel.upstream, &late).await;
+        assert_eq!(receive(&mut tunnel.client, late.len()).await, late);
+        assert!(!tunnel.task.is_finished());
+        fin(&mut tunnel.upstream).await;
+        let outcome = splice_outcome(tunnel.task).await;
+        assert_eq!(outcome.cause, CloseCause::Client);
+        assert_eq!(outcome.close, Some((Side::Client, Some(1000))));
     }
 }

@@ -13,8 +13,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::Response;
 use http::header::ORIGIN;
+use http::{HeaderValue, Response};
 use tokio::io::AsyncWriteExt;
 
 use crate::admit::{self, Candidate, Connection, RequestFacts};
@@ -38,7 +38,13 @@ pub(crate) struct Tunnel {
     upstream: UpstreamIo,
     conn: Connection,
     route: usize,
+    peer: TunnelPeer,
+}
+
+/// Who is on the client's end, for the tunnel's log line.
+struct TunnelPeer {
     client_ip: IpAddr,
+    origin: Option<HeaderValue>,
 }
 
 impl Tunnel {
@@ -48,7 +54,7 @@ impl Tunnel {
             &mut self.upstream,
             self.route,
             &self.conn,
-            self.client_ip,
+            &self.peer,
         )
         .await;
     }
@@ -65,7 +71,7 @@ pub(crate) async fn serve_direct(
 ) -> Option<Tunnel> {
     let started = Instant::now();
     let origin = request.shared_value(&ORIGIN);
-    let mut facts = RequestFacts::new(&request.uri, origin, &conn, true);
+    let mut facts = RequestFacts::new(&request.uri, origin.clone(), &conn, true);
     let mut head = Vec::new();
     let candidate = Candidate::Wire {
         request: &request,
@@ -112,7 +118,10 @@ pub(crate) async fn serve_direct(
         upstream: Prefixed::new(switched.early, switched.stream),
         conn,
         route,
-        client_ip: facts.client_ip,
+        peer: TunnelPeer {
+            client_ip: facts.client_ip,
+            origin,
+        },
     })
 }
 
@@ -148,6 +157,10 @@ pub(crate) async fn through_hyper(
         Answer::Switched(switched) => switched,
         Answer::Refused(refusal) => return Ok(refusal.into_response()),
     };
+    let peer = TunnelPeer {
+        client_ip,
+        origin: parts.headers.get(ORIGIN).cloned(),
+    };
     let conn = conn.clone();
     conn.tunnels.clone().spawn(async move {
         let mut client = match client_upgrade.await {
@@ -161,7 +174,7 @@ pub(crate) async fn through_hyper(
             }
         };
         let mut upstream = Prefixed::new(early, stream);
-        run_tunnel(&mut client, &mut upstream, route_index, &conn, client_ip).await;
+        run_tunnel(&mut client, &mut upstream, route_index, &conn, &peer).await;
     });
     head.into_response(body::empty())
         .map_err(|error| Rejection::UpstreamProtocol {
@@ -174,11 +187,13 @@ async fn run_tunnel(
     upstream: &mut UpstreamIo,
     route_index: usize,
     conn: &Connection,
-    client_ip: IpAddr,
+    peer: &TunnelPeer,
 ) {
+    let TunnelPeer { client_ip, origin } = peer;
     let route = &conn.state.routes[route_index];
     let metrics = &route.metrics;
     metrics.tunnels_active.inc();
+    let started = Instant::now();
     let outcome = tunnel::splice(
         client,
         upstream,
@@ -187,17 +202,49 @@ async fn run_tunnel(
     )
     .await;
     metrics.tunnels_active.dec();
-    metrics.tunnel_closed(
-        outcome.cause.as_str(),
-        outcome.client_to_upstream,
-        outcome.upstream_to_client,
-    );
-    tracing::debug!(
+    metrics.bytes_to_upstream.inc_by(outcome.client_to_upstream);
+    metrics.bytes_to_client.inc_by(outcome.upstream_to_client);
+    metrics
+        .messages_to_upstream
+        .inc_by(outcome.messages_to_upstream);
+    metrics
+        .messages_to_client
+        .inc_by(outcome.messages_to_client);
+    // RFC 6455 §7.1.5: a Close without a code is 1005; none at all, 1006.
+    let (from, code) = match outcome.close {
+        Some((side, code)) => (side.as_str(), code.unwrap_or(1005)),
+        None => ("none", 1006),
+    };
+    metrics.tunnel_closed(outcome.cause.as_str(), from, code);
+    if let Some((side, violation)) = outcome.lost {
+        metrics.frame_tracking_lost.inc();
+        tracing::info!(
+            route = %route.config.name,
+            %client_ip,
+            from = side.as_str(),
+            ?violation,
+            "bytes that are not WebSocket framing were passed on; frames no longer followed"
+        );
+    }
+    tracing::info!(
         route = %route.config.name,
         %client_ip,
+        origin = %origin_for_log(origin.as_ref()),
         cause = outcome.cause.as_str(),
+        close_code = code,
+        close_from = from,
         client_to_upstream = outcome.client_to_upstream,
         upstream_to_client = outcome.upstream_to_client,
+        messages_to_upstream = outcome.messages_to_upstream,
+        messages_to_client = outcome.messages_to_client,
+        duration_ms = started.elapsed().as_millis() as u64,
         "tunnel closed"
     );
+}
+
+fn origin_for_log(origin: Option<&HeaderValue>) -> std::borrow::Cow<'_, str> {
+    match origin {
+        Some(origin) => String::from_utf8_lossy(origin.as_bytes()),
+        None => "-".into(),
+    }
 }

@@ -229,3 +229,100 @@ fn admin_config(backend: std::net::SocketAddr, server: &str) -> String {
         "#
     )
 }
+
+/// The frame-following counters: the first Close frame's code and sender
+/// per tunnel, `from="none", code="1006"` for a tunnel with no Close at all,
+/// and data messages each way.
+#[tokio::test]
+async fn tunnel_closes_count_close_codes_senders_and_messages() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let backend = spawn_ws_echo().await;
+    let proxy = start_proxy(&format!(
+        r#"
+        [[listener]]
+        addr = "127.0.0.1:0"
+        [admin]
+        addr = "127.0.0.1:0"
+        [upstream.ws]
+        servers = ["{}"]
+        [[route]]
+        name = "chat"
+        path = "/ws"
+        upstream = "ws"
+        missing_origin = "allow"
+        "#,
+        backend.addr
+    ))
+    .await;
+    let admin = proxy.admin.unwrap();
+    let chat = ("route", "chat");
+
+    // A clean close with an application code after three echoed messages.
+    let (mut ws, response) = ws_connect(proxy.addr(), "/ws", &[]).await.unwrap();
+    assert_eq!(response.status(), 101);
+    for text in ["one", "two", "three"] {
+        ws.send(Message::text(text)).await.unwrap();
+        let echoed = within("an echo", ws.next()).await.unwrap().unwrap();
+        assert_eq!(echoed, Message::text(text));
+    }
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Library(4001),
+        reason: "done".into(),
+    }))
+    .await
+    .unwrap();
+    drain_ws(ws).await;
+    metric_becomes(
+        admin,
+        "wsgate_tunnel_closes_total",
+        &[chat, ("from", "client"), ("code", "4001")],
+        1.0,
+    )
+    .await;
+    metric_becomes(
+        admin,
+        "wsgate_tunnels_closed_total",
+        &[chat, ("cause", "client")],
+        1.0,
+    )
+    .await;
+    let messages = |direction| [chat, ("direction", direction)];
+    assert_eq!(
+        admin_metric(
+            admin,
+            "wsgate_messages_total",
+            &messages("client_to_upstream")
+        )
+        .await,
+        3.0
+    );
+    assert_eq!(
+        admin_metric(
+            admin,
+            "wsgate_messages_total",
+            &messages("upstream_to_client")
+        )
+        .await,
+        3.0
+    );
+
+    // A client that vanishes without a Close: what a browser calls 1006.
+    let (head, _, stream) = exchange(proxy.addr(), &upgrade_request("/ws", "x", &[])).await;
+    assert_eq!(head.status, 101);
+    drop(stream);
+    metric_becomes(
+        admin,
+        "wsgate_tunnel_closes_total",
+        &[chat, ("from", "none"), ("code", "1006")],
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        admin_metric(admin, "wsgate_frame_tracking_lost_total", &[chat]).await,
+        0.0
+    );
+}
