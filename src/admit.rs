@@ -15,10 +15,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use http::header::HOST;
 use http::{HeaderValue, Method, Uri, Version};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::RouteConfig;
+use crate::drain::Drain;
 use crate::error::{Outcome, Rejection};
 use crate::headers::forwarding::{self, Hop};
 use crate::headers::{self, Fields};
@@ -54,10 +54,10 @@ pub(crate) struct Connection {
     pub tls: bool,
     /// The config generation this connection was accepted under.
     pub state: Arc<State>,
-    /// Tunnels are tracked so shutdown can wait for them, and cut them when
-    /// `drain` is cancelled.
+    /// Tunnels are tracked so shutdown can wait for them; `drain` tells
+    /// them when to close.
     pub tunnels: TaskTracker,
-    pub drain: CancellationToken,
+    pub drain: Arc<Drain>,
     /// Keeps this connection counted against `max_connections` while a tunnel
     /// outlives the HTTP connection that created it.
     pub _slot: ConnectionSlot,

@@ -21,8 +21,9 @@
 //!   other requests on a keep-alive connection is handed to `ws`.
 //! - `ws`: the switch on either path (`upgrade.rs`), the exchange with the
 //!   backend (`exchange.rs`), the relay of a backend's refusal
-//!   (`refusal.rs`), the tunnel (`tunnel.rs`) and the frame follower
-//!   (`frame.rs`).
+//!   (`refusal.rs`), the tunnel (`tunnel/`: the splice and what wsgate
+//!   does after the 101 in `mod.rs`, one direction in `pump.rs`) and the
+//!   frame follower (`frame.rs`).
 //! - `admit`: the one admission function every request goes through, in
 //!   the contract's order (route, client IP, shape, origin, token, scope,
 //!   subprotocol), and the one place a refusal is logged and counted.
@@ -39,7 +40,8 @@
 //! - Beneath them all: `wire` (HTTP/1.1 heads as bytes, the upgrade request
 //!   read off the wire), [`headers`] (hop-by-hop stripping, client IP, the
 //!   forwarding headers), `error` (every refusal's status, reason and who
-//!   failed), `stream` (the connection types), `body`, [`tls`],
+//!   failed), `stream` (the connection types), `drain` (each tunnel's
+//!   moment in a drain), `body`, [`tls`],
 //!   `metrics` and `admin`.
 //!
 //! The tools in [`tools`] (`demo`, `echo`, `load`) use the library like any
@@ -49,6 +51,7 @@ pub(crate) mod admin;
 pub(crate) mod admit;
 pub(crate) mod body;
 pub mod config;
+pub(crate) mod drain;
 pub(crate) mod error;
 pub mod headers;
 pub(crate) mod http;

@@ -193,15 +193,18 @@ async fn sighup_reloads_a_good_config_refuses_a_bad_one_and_keeps_tunnels() {
     assert_eq!(wsgate.wait_exit(), Some(0));
 }
 
+/// SIGTERM: listeners close, the open tunnel gets Close 1012 (Service
+/// Restart: reconnect), and the process exits 0 as soon as its closing
+/// handshake has ended, not at drain_timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_tunnels_then_cuts_them_after_drain_timeout() {
+async fn sigterm_sends_close_1012_and_exits_when_the_tunnels_end() {
     let backend = spawn_ws_echo().await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("wsgate.toml");
     // One thread: the current-thread runtime must drain the same way.
     std::fs::write(
         &path,
-        config_text(backend.addr, "https://app.example.com", "700ms", 1),
+        config_text(backend.addr, "https://app.example.com", "20s", 1),
     )
     .unwrap();
     let mut wsgate = Wsgate::start(&path);
@@ -212,28 +215,33 @@ async fn sigterm_drains_tunnels_then_cuts_them_after_drain_timeout() {
 
     let signalled = Instant::now();
     wsgate.signal("TERM");
-    wsgate.wait_for_line("shutting down");
-    // During the drain the tunnel keeps working…
-    tunnel.send(Message::text("during drain")).await.unwrap();
-    let echoed = within("echo during drain", tunnel.next())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(echoed, Message::text("during drain"));
-    // …and new connections are no longer accepted.
+    wsgate.wait_for_line("no new connections");
     let refused = tokio::net::TcpStream::connect(addr).await;
     assert!(
         refused.is_err(),
         "a new connection was accepted while draining"
     );
-    // Then it is cut once drain_timeout has passed.
+    let close = within("the drain's Close", async {
+        for _ in 0..10 {
+            match tunnel.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => {}
+                other => panic!("the tunnel ended without a Close: {other:?}"),
+            }
+        }
+        panic!("no Close among the first 10 messages")
+    })
+    .await;
+    let close = close.expect("a Close with a code");
+    assert_eq!(u16::from(close.code), 1012);
+    assert_eq!(close.reason.as_str(), "service restart");
     drain_ws(tunnel).await;
+    assert_eq!(wsgate.wait_exit(), Some(0));
     let elapsed = signalled.elapsed();
     assert!(
-        elapsed >= Duration::from_millis(600),
-        "cut after only {elapsed:?}"
+        elapsed < Duration::from_secs(10),
+        "exited after {elapsed:?}: waited for drain_timeout although the tunnel had closed"
     );
-    assert_eq!(wsgate.wait_exit(), Some(0));
 }
 
 fn open_fds(pid: u32) -> usize {

@@ -160,6 +160,12 @@ pub struct ServerConfig {
     pub header_timeout: Duration,
     pub max_header_bytes: usize,
     pub drain_timeout: Duration,
+    /// The Close code every tunnel gets on drain: 1012 or 1001.
+    pub drain_close_code: u16,
+    /// The window over which a drain's Close frames are spread.
+    pub drain_spread: Duration,
+    /// How long listeners keep accepting after `/readyz` turned 503.
+    pub drain_delay: Duration,
     /// A TLS handshake that has not finished by then is dropped.
     pub tls_handshake_timeout: Duration,
     /// Runtime threads; `None` = one per CPU. `Some(1)` runs everything on
@@ -209,12 +215,46 @@ pub struct RouteConfig {
     pub upstream: Arc<UpstreamConfig>,
     /// What admission checks on this route, besides the token.
     pub policy: RoutePolicy,
-    pub idle_timeout: Duration,
+    pub tunnel: TunnelConfig,
     pub handshake_timeout: Duration,
     pub auth: Option<Arc<AuthPolicy>>,
 }
 
+/// What a route's tunnels enforce after the 101.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TunnelConfig {
+    /// No byte either way for this long: Close 1001 to both sides.
+    pub idle_timeout: Duration,
+    pub ping: Option<Liveness>,
+    /// The largest data message (all fragments) passed either way.
+    pub max_message_bytes: Option<u64>,
+}
+
+/// Dead-peer detection: a Ping to a client silent for `interval`, and the
+/// client counted dead if nothing arrives within `timeout` of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl TunnelConfig {
+    /// Only an idle timeout: the tunnel of a route with no other settings.
+    pub fn idle_only(idle_timeout: Duration) -> TunnelConfig {
+        TunnelConfig {
+            idle_timeout,
+            ping: None,
+            max_message_bytes: None,
+        }
+    }
+}
+
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most a drain spreads its Close frames over by default: long enough
+/// to spare the other instances a reconnect storm, short enough for a
+/// rolling deploy.
+pub const MAX_DEFAULT_DRAIN_SPREAD: Duration = Duration::from_secs(5);
 
 impl Config {
     /// Reads and validates the file at `path`; relative paths inside it resolve
@@ -401,6 +441,40 @@ fn validate_server(raw: &raw::RawServer, problems: &mut Problems) -> ServerConfi
                 }
             }
         };
+    let drain_timeout = problems.duration(
+        "server.drain_timeout",
+        raw.drain_timeout.as_deref(),
+        Duration::from_secs(30),
+    );
+    let drain_close_code = match raw.drain_close_code {
+        None => 1012,
+        Some(code @ (1001 | 1012)) => code as u16,
+        Some(code) => {
+            problems.add(
+                "server.drain_close_code",
+                format!(
+                    "{code} is not 1012 (Service Restart) or 1001 (Going Away); clients reconnect on those, and give up on most others"
+                ),
+            );
+            1012
+        }
+    };
+    let drain_spread = match raw.drain_spread.as_deref() {
+        None => (drain_timeout / 2).min(MAX_DEFAULT_DRAIN_SPREAD),
+        Some(text) => {
+            let spread = problems.duration("server.drain_spread", Some(text), Duration::ZERO);
+            if spread > drain_timeout {
+                problems.add(
+                    "server.drain_spread",
+                    format!(
+                        "{text:?} is longer than drain_timeout ({}): tunnels would be cut before their Close",
+                        humantime::format_duration(drain_timeout)
+                    ),
+                );
+            }
+            spread
+        }
+    };
     ServerConfig {
         trusted_proxies: problems.cidrs("server.trusted_proxies", &raw.trusted_proxies),
         max_connections: positive(
@@ -422,10 +496,13 @@ fn validate_server(raw: &raw::RawServer, problems: &mut Problems) -> ServerConfi
             16_384,
             1024,
         ),
-        drain_timeout: problems.duration(
-            "server.drain_timeout",
-            raw.drain_timeout.as_deref(),
-            Duration::from_secs(30),
+        drain_timeout,
+        drain_close_code,
+        drain_spread,
+        drain_delay: problems.duration(
+            "server.drain_delay",
+            raw.drain_delay.as_deref(),
+            Duration::ZERO,
         ),
         tls_handshake_timeout: Duration::from_secs(10),
         worker_threads: match raw.worker_threads {
@@ -648,6 +725,40 @@ fn validate_route(
         raw.idle_timeout.as_deref(),
         DEFAULT_IDLE_TIMEOUT,
     );
+    let ping = match (raw.ping_interval.as_deref(), raw.ping_timeout.as_deref()) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            problems.add(
+                format!("{key}.ping_timeout"),
+                "only meaningful together with ping_interval",
+            );
+            None
+        }
+        (Some(interval), timeout) => {
+            let interval_key = format!("{key}.ping_interval");
+            let interval = problems.duration(&interval_key, Some(interval), Duration::ZERO);
+            let timeout_key = format!("{key}.ping_timeout");
+            let timeout = problems.duration(&timeout_key, timeout, DEFAULT_PING_TIMEOUT);
+            if interval.is_zero() {
+                problems.add(interval_key, "must be longer than 0s");
+            }
+            if timeout.is_zero() {
+                problems.add(timeout_key, "must be longer than 0s");
+            }
+            Some(Liveness { interval, timeout })
+        }
+    };
+    let max_message_bytes = match raw.max_message_bytes {
+        None => None,
+        Some(bytes) if bytes > 0 => Some(bytes as u64),
+        Some(bytes) => {
+            problems.add(
+                format!("{key}.max_message_bytes"),
+                format!("{bytes} is not a positive number of bytes"),
+            );
+            None
+        }
+    };
     let handshake_timeout = problems.duration(
         &format!("{key}.handshake_timeout"),
         raw.handshake_timeout.as_deref(),
@@ -685,7 +796,11 @@ fn validate_route(
             allow_ips,
             deny_ips,
         },
-        idle_timeout,
+        tunnel: TunnelConfig {
+            idle_timeout,
+            ping,
+            max_message_bytes,
+        },
         handshake_timeout,
         auth,
     })

@@ -49,6 +49,9 @@ pub struct RawServer {
     pub header_timeout: Option<String>,
     pub max_header_bytes: Option<i64>,
     pub drain_timeout: Option<String>,
+    pub drain_close_code: Option<i64>,
+    pub drain_spread: Option<String>,
+    pub drain_delay: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,6 +91,9 @@ pub struct RawRoute {
     pub origin_mode: Option<String>,
     pub subprotocols: Option<Vec<String>>,
     pub idle_timeout: Option<String>,
+    pub ping_interval: Option<String>,
+    pub ping_timeout: Option<String>,
+    pub max_message_bytes: Option<i64>,
     pub handshake_timeout: Option<String>,
     pub allow_ips: Option<Vec<String>>,
     pub deny_ips: Option<Vec<String>>,

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use super::first_head::{self, FirstHead};
 use crate::admit::{self, Connection, ConnectionSlot};
+use crate::drain::Drain;
 use crate::error::Rejection;
 use crate::state::State;
 use crate::stream::{ClientConn, Prefixed};
@@ -30,7 +31,7 @@ pub(super) struct AcceptContext {
     pub state: watch::Receiver<Arc<State>>,
     pub tracker: TaskTracker,
     pub stop_accepting: CancellationToken,
-    pub drain: CancellationToken,
+    pub drain: Arc<Drain>,
     pub open_connections: Arc<AtomicUsize>,
 }
 
@@ -94,7 +95,7 @@ struct ConnectionTask {
     listener_index: usize,
     tracker: TaskTracker,
     stop_accepting: CancellationToken,
-    drain: CancellationToken,
+    drain: Arc<Drain>,
 }
 
 impl ConnectionTask {

@@ -5,9 +5,12 @@
 //! connection's own task (an upgrade as the first request) or a task spawned
 //! when hyper's connection future ended at the upgrade, and hyper's graceful
 //! shutdown sees neither. Every connection and tunnel task lives in one
-//! [`TaskTracker`]; on shutdown we stop accepting, let hyper finish in-flight
-//! requests, give tunnels `drain_timeout` to end by themselves, then cancel
-//! `drain` to cut the rest.
+//! [`TaskTracker`]. On shutdown `/readyz` fails at once, listeners keep
+//! accepting for `drain_delay` (a load balancer needs a moment to notice),
+//! then stop; hyper finishes in-flight requests, and every tunnel gets its
+//! Close at its moment in `drain_spread` and is cut at `drain_timeout` if
+//! its closing handshake has not ended. The process exits when the last
+//! task has.
 
 use std::future::Future;
 use std::io;
@@ -26,6 +29,7 @@ pub(crate) mod first_head;
 pub(crate) mod proxy_header;
 
 use crate::config::Config;
+use crate::drain::Drain;
 use crate::metrics::Metrics;
 use crate::state::{BuildError, State};
 use accept::{AcceptContext, accept_loop};
@@ -157,7 +161,7 @@ impl Proxy {
     /// Serves until `shutdown` completes, then drains.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let stop_accepting = CancellationToken::new();
-        let drain = CancellationToken::new();
+        let drain = Arc::new(Drain::new());
         let tracker = TaskTracker::new();
         let open_connections = Arc::new(AtomicUsize::new(0));
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -189,17 +193,34 @@ impl Proxy {
 
         shutdown.await;
         ready.store(false, Ordering::Release);
-        let drain_timeout = self.state.borrow().server.drain_timeout;
-        tracing::info!(
-            ?drain_timeout,
-            "shutting down: no new connections, draining"
-        );
+        let server = self.state.borrow().server.clone();
+        if !server.drain_delay.is_zero() {
+            tracing::info!(
+                drain_delay = ?server.drain_delay,
+                "shutting down: /readyz fails, still accepting for drain_delay"
+            );
+            tokio::time::sleep(server.drain_delay).await;
+        }
         stop_accepting.cancel();
         for accept_loop in accept_loops {
             let _ = accept_loop.await;
         }
+        tracing::info!(
+            drain_timeout = ?server.drain_timeout,
+            drain_spread = ?server.drain_spread,
+            close_code = server.drain_close_code,
+            "shutting down: no new connections, closing tunnels"
+        );
+        drain.begin(
+            server.drain_spread,
+            server.drain_timeout,
+            server.drain_close_code,
+        );
         tracker.close();
-        if tokio::time::timeout(drain_timeout, tracker.wait())
+        // Tunnels cut themselves at drain_timeout; the margin is for the
+        // tasks that notice it last.
+        let patience = server.drain_timeout + Duration::from_secs(1);
+        if tokio::time::timeout(patience, tracker.wait())
             .await
             .is_err()
         {
@@ -207,7 +228,6 @@ impl Proxy {
                 remaining = tracker.len(),
                 "drain timeout reached; closing the remaining connections"
             );
-            drain.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
         }
         tracing::info!("stopped");

@@ -72,6 +72,9 @@ pub(crate) async fn serve_direct(
     let started = Instant::now();
     let origin = request.shared_value(&ORIGIN);
     let mut facts = RequestFacts::new(&request.uri, origin.clone(), &conn, true);
+    // A copy for the tunnel's life: the shared value would keep the whole
+    // request buffer alive with it.
+    let origin = origin.and_then(|value| HeaderValue::from_bytes(value.as_bytes()).ok());
     let mut head = Vec::new();
     let candidate = Candidate::Wire {
         request: &request,
@@ -194,13 +197,9 @@ async fn run_tunnel(
     let metrics = &route.metrics;
     metrics.tunnels_active.inc();
     let started = Instant::now();
-    let outcome = tunnel::splice(
-        client,
-        upstream,
-        route.config.idle_timeout,
-        conn.drain.clone(),
-    )
-    .await;
+    let open = conn.drain.open_tunnel();
+    let outcome = tunnel::splice(client, upstream, &route.config.tunnel, &conn.drain).await;
+    drop(open);
     metrics.tunnels_active.dec();
     metrics.bytes_to_upstream.inc_by(outcome.client_to_upstream);
     metrics.bytes_to_client.inc_by(outcome.upstream_to_client);
@@ -212,7 +211,7 @@ async fn run_tunnel(
         .inc_by(outcome.messages_to_client);
     // RFC 6455 §7.1.5: a Close without a code is 1005; none at all, 1006.
     let (from, code) = match outcome.close {
-        Some((side, code)) => (side.as_str(), code.unwrap_or(1005)),
+        Some((from, code)) => (from.as_str(), code.unwrap_or(1005)),
         None => ("none", 1006),
     };
     metrics.tunnel_closed(outcome.cause.as_str(), from, code);

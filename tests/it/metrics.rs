@@ -1,7 +1,9 @@
 //! The admin listener: `/metrics` counts what happened with exact values,
 //! `/healthz` and `/readyz` answer.
 
+use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::*;
 
@@ -186,27 +188,89 @@ async fn health_and_readiness_answer_200() {
     proxy.stop().await;
 }
 
+/// On shutdown /readyz fails at once while the listener still accepts for
+/// `drain_delay`; then every tunnel gets Close 1012 and the proxy exits as
+/// soon as the closing handshakes end, long before `drain_timeout`.
 #[tokio::test]
-async fn readiness_answers_503_while_draining_and_open_tunnels_are_cut_at_drain_timeout() {
+async fn readiness_fails_during_drain_delay_then_tunnels_get_close_1012() {
     let backend = spawn_ws_echo().await;
-    let proxy = start_proxy(&admin_config(backend.addr, "drain_timeout = \"1s\"")).await;
+    let server = "drain_timeout = \"20s\"\ndrain_delay = \"1s\"";
+    let proxy = start_proxy(&admin_config(backend.addr, server)).await;
     let admin = proxy.admin.unwrap();
-    let (tunnel, _) = ws_connect(proxy.addr(), "/", &[]).await.unwrap();
+    let addr = proxy.addr();
+    let (early, _) = ws_connect(addr, "/", &[]).await.unwrap();
     let started = std::time::Instant::now();
     let stopped = proxy.begin_shutdown();
-    // The open tunnel keeps the drain going, and meanwhile a load balancer
-    // polling /readyz is told to send new clients elsewhere.
     until("/readyz to answer 503", || async {
         admin_get(admin, "/readyz").await == (503, "draining\n".to_owned())
     })
     .await;
-    drain_ws(tunnel).await;
+    // A client the load balancer sent before it noticed is still served.
+    let (late, _) = ws_connect(addr, "/", &[]).await.unwrap();
+    for ws in [early, late] {
+        assert_eq!(next_close_code(ws).await, Some(1012));
+    }
+    within("the proxy to stop", stopped).await.unwrap().unwrap();
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= std::time::Duration::from_millis(900),
+        "listeners closed before drain_delay: {elapsed:?}"
+    );
+    assert!(
+        elapsed < std::time::Duration::from_secs(10),
+        "waited for drain_timeout although every tunnel closed: {elapsed:?}"
+    );
+}
+
+/// A client that never answers the drain's Close is cut at `drain_timeout`.
+#[tokio::test]
+async fn an_unanswered_drain_close_is_cut_at_drain_timeout() {
+    // Neither end answers: the backend switches, then only reads.
+    let (backend, _) = spawn_raw_ws(|mut stream, head| async move {
+        let switched = switching_protocols(&head, &[]);
+        if stream.write_all(switched.as_bytes()).await.is_ok() {
+            let mut sink = Vec::new();
+            let wait = std::time::Duration::from_secs(30);
+            let _ = tokio::time::timeout(wait, stream.read_to_end(&mut sink)).await;
+        }
+    })
+    .await;
+    let proxy = start_proxy(&admin_config(backend, "drain_timeout = \"1s\"")).await;
+    let (head, _, mut stream) = exchange(proxy.addr(), &upgrade_request("/", "x", &[])).await;
+    assert_eq!(head.status, 101);
+    let started = std::time::Instant::now();
+    let stopped = proxy.begin_shutdown();
+    let close = read_frame(&mut stream).await;
+    assert_eq!((close.first, close.masked), (0x88, false));
+    assert_eq!(close.payload, b"\x03\xf4service restart");
+    assert_eq!(read_until_eof(&mut stream).await, b"");
     assert!(
         started.elapsed() >= std::time::Duration::from_millis(900),
         "cut after {:?}",
         started.elapsed()
     );
     within("the proxy to stop", stopped).await.unwrap().unwrap();
+}
+
+/// Reads a tungstenite stream to its Close and returns the code; answers
+/// it, as tungstenite does.
+async fn next_close_code<S>(mut ws: Ws<S>) -> Option<u16>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    within("a Close frame", async {
+        for _ in 0..100 {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => {
+                    return frame.map(|frame| u16::from(frame.code));
+                }
+                Some(Ok(_)) => {}
+                _ => return None,
+            }
+        }
+        None
+    })
+    .await
 }
 
 /// One echo route that lets Origin-less clients in, plus the admin listener;

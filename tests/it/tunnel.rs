@@ -247,13 +247,25 @@ async fn idle_tunnel_is_closed_after_idle_timeout() {
     assert_eq!(head.status, 101);
     let upgraded_at = Instant::now();
     metric_becomes(admin, "wsgate_tunnels_active", &[("route", "tunnel")], 1.0).await;
-    let leftover = read_until_eof(&mut stream).await;
-    let elapsed = upgraded_at.elapsed();
-    assert!(leftover.is_empty(), "unexpected bytes {leftover:?}");
+    // Not a 1006: a Close 1001 at the timeout; the echo backend answers
+    // it and closes, and its FIN is passed on.
+    let close = read_frame(&mut stream).await;
+    let at_close = upgraded_at.elapsed();
+    assert_eq!((close.first, close.masked), (0x88, false));
+    assert_eq!(close.payload, b"\x03\xe9idle timeout");
     assert!(
-        elapsed >= Duration::from_millis(900),
-        "closed after only {elapsed:?}"
+        at_close >= Duration::from_millis(900),
+        "closed after only {at_close:?}"
     );
+    let leftover = read_until_eof(&mut stream).await;
+    assert!(leftover.is_empty(), "unexpected bytes {leftover:?}");
+    metric_becomes(
+        admin,
+        "wsgate_tunnel_closes_total",
+        &[("route", "tunnel"), ("from", "wsgate"), ("code", "1001")],
+        1.0,
+    )
+    .await;
     metric_becomes(
         admin,
         "wsgate_tunnels_closed_total",
