@@ -134,3 +134,45 @@ async fn check_lists_an_unknown_key_together_with_the_other_problems() {
         problem_line(&outcome.stdout, key);
     }
 }
+
+#[tokio::test]
+async fn check_names_bad_tunnel_and_drain_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        &dir,
+        "proxy.toml",
+        r#"
+[[listener]]
+addr = "127.0.0.1:0"
+
+[server]
+drain_timeout = "4s"
+drain_spread = "5s"
+drain_close_code = 1000
+drain_delay = "soon"
+
+[upstream.chat]
+servers = ["127.0.0.1:9000"]
+
+[[route]]
+path = "/ws"
+upstream = "chat"
+ping_timeout = "5s"
+max_message_bytes = 0
+
+[[route]]
+path = "/other"
+upstream = "chat"
+ping_interval = "0s"
+"#,
+    );
+    let outcome = check(&config).await;
+    assert_eq!(outcome.code, Some(1), "{}", outcome.stdout);
+    let out = &outcome.stdout;
+    assert!(problem_line(out, "server.drain_spread").contains("longer than drain_timeout"));
+    assert!(problem_line(out, "server.drain_close_code").contains("1000 is not 1012"));
+    assert!(problem_line(out, "server.drain_delay").contains("soon"));
+    assert!(problem_line(out, "route[0].ping_timeout").contains("ping_interval"));
+    assert!(problem_line(out, "route[0].max_message_bytes").contains("0 is not"));
+    assert!(problem_line(out, "route[1].ping_interval").contains("longer than 0s"));
+}

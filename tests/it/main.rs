@@ -18,3 +18,4 @@ mod smoke;
 mod tls;
 mod tunnel;
 mod upgrade_paths;
+mod wsgate_closes;
