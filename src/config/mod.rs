@@ -20,7 +20,7 @@ use ipnet::IpNet;
 
 use crate::policy::auth::AuthPolicy;
 use crate::policy::origin::OriginPattern;
-pub use crate::policy::{MissingOrigin, OriginMode, RoutePolicy, WebSocketMode};
+pub use crate::policy::{MissingOrigin, OriginChecks, OriginMode, RoutePolicy, WebSocketMode};
 use crate::tls::CertPair;
 
 /// One problem in the config file.
@@ -177,6 +177,58 @@ pub struct ServerConfig {
 pub enum Balance {
     RoundRobin,
     LeastConn,
+    /// Consistent hashing of the upstream's `hash_key`, with bounded load.
+    Hash,
+}
+
+/// What `balance = "hash"` hashes. A request without it falls back to
+/// least_conn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    ClientIp,
+    /// Cookie names are case-sensitive (RFC 6265 §5.4).
+    Cookie(String),
+    /// Lower-cased, as header names compare.
+    Header(http::HeaderName),
+    Query(String),
+}
+
+/// Passive health: this many failures in a row take a server out of
+/// rotation for `fail_timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassiveHealth {
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
+}
+
+/// A rate as configured: `count` per `period`, also the burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub period: Duration,
+}
+
+impl Rate {
+    /// `"N/s"` or `"N/m"` with N ≥ 1.
+    pub fn parse(text: &str) -> Option<Rate> {
+        let (count, unit) = text.trim().split_once('/')?;
+        let count: u32 = count.trim().parse().ok().filter(|&count| count > 0)?;
+        let period = match unit.trim() {
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            _ => return None,
+        };
+        Some(Rate { count, period })
+    }
+}
+
+/// A route's per-client limits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// Open tunnels plus in-flight requests of one client IP on the route.
+    pub max_connections_per_ip: Option<usize>,
+    /// New upgrades per client IP.
+    pub handshake_rate: Option<Rate>,
 }
 
 #[derive(Debug)]
@@ -189,6 +241,9 @@ pub struct UpstreamConfig {
     /// Present: connect with TLS, verified against webpki roots plus these CAs.
     pub tls: Option<UpstreamTls>,
     pub health_check: Option<HealthCheck>,
+    pub hash_key: HashKey,
+    pub sticky_cookie: Option<String>,
+    pub passive_health: PassiveHealth,
 }
 
 /// Active health checking: a `GET path` to every server each `interval`;
@@ -216,6 +271,7 @@ pub struct RouteConfig {
     /// What admission checks on this route, besides the token.
     pub policy: RoutePolicy,
     pub tunnel: TunnelConfig,
+    pub limits: ClientLimits,
     pub handshake_timeout: Duration,
     pub auth: Option<Arc<AuthPolicy>>,
 }
@@ -228,6 +284,8 @@ pub struct TunnelConfig {
     pub ping: Option<Liveness>,
     /// The largest data message (all fragments) passed either way.
     pub max_message_bytes: Option<u64>,
+    /// Data messages from the client, enforced by not reading.
+    pub client_message_rate: Option<Rate>,
 }
 
 /// Dead-peer detection: a Ping to a client silent for `interval`, and the
@@ -245,6 +303,7 @@ impl TunnelConfig {
             idle_timeout,
             ping: None,
             max_message_bytes: None,
+            client_message_rate: None,
         }
     }
 }
@@ -546,14 +605,59 @@ fn validate_upstream(
     let balance = match raw.balance.as_deref() {
         None | Some("round_robin") => Balance::RoundRobin,
         Some("least_conn") => Balance::LeastConn,
+        Some("hash") => Balance::Hash,
         Some(other) => {
             problems.add(
                 format!("{key}.balance"),
-                format!("{other:?} is not \"round_robin\" or \"least_conn\""),
+                format!("{other:?} is not \"round_robin\", \"least_conn\" or \"hash\""),
             );
             Balance::RoundRobin
         }
     };
+    let hash_key = match raw.hash_key.as_deref() {
+        None | Some("client_ip") => HashKey::ClientIp,
+        Some(text) => match parse_hash_key(text) {
+            Some(hash_key) => hash_key,
+            None => {
+                problems.add(
+                    format!("{key}.hash_key"),
+                    format!("{text:?} is not \"client_ip\", \"cookie:NAME\", \"header:NAME\" or \"query:NAME\""),
+                );
+                HashKey::ClientIp
+            }
+        },
+    };
+    if raw.hash_key.is_some() && balance != Balance::Hash {
+        problems.add(
+            format!("{key}.hash_key"),
+            "only meaningful together with balance = \"hash\"",
+        );
+    }
+    let sticky_cookie = raw.sticky_cookie.clone();
+    if let Some(name) = &sticky_cookie {
+        if name.is_empty() || !name.bytes().all(crate::headers::is_token_byte) {
+            problems.add(
+                format!("{key}.sticky_cookie"),
+                format!("{name:?} is not a cookie name (an HTTP token)"),
+            );
+        }
+    }
+    let max_fails = match raw.max_fails {
+        None => 3,
+        Some(count @ 1..=1_000_000) => count as u32,
+        Some(count) => {
+            problems.add(
+                format!("{key}.max_fails"),
+                format!("{count} is not a count of at least 1"),
+            );
+            3
+        }
+    };
+    let fail_timeout = problems.duration(
+        &format!("{key}.fail_timeout"),
+        raw.fail_timeout.as_deref(),
+        Duration::from_secs(10),
+    );
     let connect_timeout = problems.duration(
         &format!("{key}.connect_timeout"),
         raw.connect_timeout.as_deref(),
@@ -604,6 +708,29 @@ fn validate_upstream(
         connect_timeout,
         tls,
         health_check,
+        hash_key,
+        sticky_cookie,
+        passive_health: PassiveHealth {
+            max_fails,
+            fail_timeout,
+        },
+    }
+}
+
+fn parse_hash_key(text: &str) -> Option<HashKey> {
+    let (kind, name) = text.split_once(':')?;
+    if name.is_empty() {
+        return None;
+    }
+    match kind {
+        "cookie" if name.bytes().all(crate::headers::is_token_byte) => {
+            Some(HashKey::Cookie(name.to_owned()))
+        }
+        "header" => http::HeaderName::from_bytes(name.as_bytes())
+            .ok()
+            .map(HashKey::Header),
+        "query" => Some(HashKey::Query(name.to_owned())),
+        _ => None,
     }
 }
 
@@ -748,6 +875,45 @@ fn validate_route(
             Some(Liveness { interval, timeout })
         }
     };
+    let rate = |problems: &mut Problems, name: &str, text: Option<&str>| {
+        let text = text?;
+        let rate = Rate::parse(text);
+        if rate.is_none() {
+            problems.add(
+                format!("{key}.{name}"),
+                format!("{text:?} is not a rate such as \"10/s\" or \"100/m\""),
+            );
+        }
+        rate
+    };
+    let handshake_rate = rate(problems, "handshake_rate", raw.handshake_rate.as_deref());
+    let client_message_rate = rate(
+        problems,
+        "client_message_rate",
+        raw.client_message_rate.as_deref(),
+    );
+    let max_connections_per_ip = match raw.max_connections_per_ip {
+        None => None,
+        Some(count) if count > 0 => Some(count as usize),
+        Some(count) => {
+            problems.add(
+                format!("{key}.max_connections_per_ip"),
+                format!("{count} is not a positive count"),
+            );
+            None
+        }
+    };
+    let origin_checks = match raw.origin_checks.as_deref() {
+        None | Some("upgrades") => OriginChecks::Upgrades,
+        Some("all") => OriginChecks::All,
+        Some(other) => {
+            problems.add(
+                format!("{key}.origin_checks"),
+                format!("{other:?} is not \"upgrades\" or \"all\""),
+            );
+            OriginChecks::Upgrades
+        }
+    };
     let max_message_bytes = match raw.max_message_bytes {
         None => None,
         Some(bytes) if bytes > 0 => Some(bytes as u64),
@@ -792,6 +958,7 @@ fn validate_route(
             origins,
             missing_origin,
             origin_mode,
+            origin_checks,
             subprotocols: raw.subprotocols.clone(),
             allow_ips,
             deny_ips,
@@ -800,6 +967,11 @@ fn validate_route(
             idle_timeout,
             ping,
             max_message_bytes,
+            client_message_rate,
+        },
+        limits: ClientLimits {
+            max_connections_per_ip,
+            handshake_rate,
         },
         handshake_timeout,
         auth,

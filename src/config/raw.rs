@@ -68,6 +68,10 @@ pub struct RawUpstream {
     pub tls: bool,
     pub ca: Option<String>,
     pub health_check: Option<RawHealthCheck>,
+    pub hash_key: Option<String>,
+    pub sticky_cookie: Option<String>,
+    pub max_fails: Option<i64>,
+    pub fail_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,6 +98,10 @@ pub struct RawRoute {
     pub ping_interval: Option<String>,
     pub ping_timeout: Option<String>,
     pub max_message_bytes: Option<i64>,
+    pub max_connections_per_ip: Option<i64>,
+    pub handshake_rate: Option<String>,
+    pub client_message_rate: Option<String>,
+    pub origin_checks: Option<String>,
     pub handshake_timeout: Option<String>,
     pub allow_ips: Option<Vec<String>>,
     pub deny_ips: Option<Vec<String>>,

@@ -25,6 +25,7 @@ pub struct RoutePolicy {
     pub origins: Vec<origin::OriginPattern>,
     pub missing_origin: MissingOrigin,
     pub origin_mode: OriginMode,
+    pub origin_checks: OriginChecks,
     pub subprotocols: Option<Vec<String>>,
     pub allow_ips: Option<Vec<IpNet>>,
     pub deny_ips: Vec<IpNet>,
@@ -51,6 +52,16 @@ pub enum MissingOrigin {
 pub enum OriginMode {
     Enforce,
     Report,
+}
+
+/// `origin_checks`: which requests the origin allowlist applies to.
+/// Polling fallbacks (Socket.IO, SockJS) carry a WebSocket's traffic over
+/// plain requests, so a forbidden page could talk over them unless they
+/// are checked too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginChecks {
+    Upgrades,
+    All,
 }
 
 const SEC_WEBSOCKET_KEY: HeaderName = HeaderName::from_static("sec-websocket-key");

@@ -181,7 +181,8 @@ impl Upstream {
         match self.config.balance {
             Balance::RoundRobin => start,
             // Scan from the round-robin position so ties spread out.
-            Balance::LeastConn => (0..count)
+            // TODO(issue 14): Hash picks by key; until then, least_conn.
+            Balance::LeastConn | Balance::Hash => (0..count)
                 .map(|offset| (start + offset) % count)
                 .filter(|&index| index < self.active.len())
                 .min_by_key(|&index| self.active[index].load(Ordering::Relaxed))
