@@ -13,15 +13,16 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use http::header::HOST;
+use http::header::{HOST, ORIGIN};
 use http::{HeaderValue, Method, Uri, Version};
 use tokio_util::task::TaskTracker;
 
-use crate::config::RouteConfig;
+use crate::config::{OriginChecks, RouteConfig};
 use crate::drain::Drain;
 use crate::error::{Outcome, Rejection};
 use crate::headers::forwarding::{self, Hop};
 use crate::headers::{self, Fields};
+use crate::limits::OpenSlot;
 use crate::metrics::RouteMetrics;
 use crate::policy;
 use crate::router;
@@ -71,6 +72,9 @@ pub(crate) struct RequestFacts {
     origin: Option<HeaderValue>,
     uri: Uri,
     pub upgrade: bool,
+    /// Counts the request (and the tunnel it becomes) against the route's
+    /// `max_connections_per_ip` while held.
+    pub slot: Option<OpenSlot>,
 }
 
 impl RequestFacts {
@@ -87,6 +91,7 @@ impl RequestFacts {
             origin,
             uri: uri.clone(),
             upgrade,
+            slot: None,
         }
     }
 
@@ -192,8 +197,20 @@ fn check_head<F: Fields + ?Sized>(
     let config: &RouteConfig = &route.config;
 
     policy::check_ip(&config.policy, facts.client_ip)?;
+    if let Some(limiter) = &route.limits {
+        // Before the shape, origin and token: a flood costs a table lookup.
+        let slot = limiter.open(facts.client_ip)?;
+        if facts.upgrade {
+            limiter.handshake(facts.client_ip)?;
+        }
+        facts.slot = slot;
+    }
     policy::check_shape(&config.policy, method, fields, facts.upgrade)?;
-    if facts.upgrade {
+    // A plain request without Origin passes even with origin_checks = "all":
+    // browsers leave it out of same-origin GETs.
+    let check_origin = facts.upgrade
+        || (config.policy.origin_checks == OriginChecks::All && fields.first(&ORIGIN).is_some());
+    if check_origin {
         if let Some(would_reject) = policy::check_origin(&config.policy, &config.name, fields)? {
             route.metrics.origin_reports.inc();
             tracing::warn!(

@@ -60,6 +60,16 @@ pub enum Rejection {
         limit: usize,
     },
     Overloaded,
+    /// The client IP already has `limit` tunnels or requests open on the
+    /// route.
+    TooManyConnections {
+        limit: usize,
+    },
+    /// The client IP's handshake bucket is empty; a token is free in
+    /// `retry_after` whole seconds.
+    RateLimited {
+        retry_after: u64,
+    },
     UpstreamUnavailable {
         detail: String,
     },
@@ -101,6 +111,9 @@ impl Rejection {
                 StatusCode::UPGRADE_REQUIRED
             }
             Rejection::HeaderTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Rejection::TooManyConnections { .. } | Rejection::RateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Rejection::Overloaded | Rejection::AuthUnavailable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -130,6 +143,8 @@ impl Rejection {
             Rejection::WebSocketForbidden => "websocket-forbidden",
             Rejection::HeaderTooLarge { .. } => "header-too-large",
             Rejection::Overloaded => "overloaded",
+            Rejection::TooManyConnections { .. } => "too-many-connections",
+            Rejection::RateLimited { .. } => "rate-limited",
             Rejection::UpstreamUnavailable { .. } => "upstream-unavailable",
             Rejection::UpstreamTimeout { .. } => "upstream-timeout",
             Rejection::UpstreamProtocol { .. } => "upstream-protocol",
@@ -161,6 +176,8 @@ impl Rejection {
             | Rejection::WebSocketForbidden
             | Rejection::HeaderTooLarge { .. }
             | Rejection::Overloaded
+            | Rejection::TooManyConnections { .. }
+            | Rejection::RateLimited { .. }
             | Rejection::AuthDenied { .. }
             | Rejection::AuthUnavailable { .. } => Outcome::Rejected,
         }
@@ -204,6 +221,12 @@ impl Rejection {
                 format!("the request head is larger than {limit} bytes")
             }
             Rejection::Overloaded => "the proxy is at its connection limit".to_owned(),
+            Rejection::TooManyConnections { limit } => {
+                format!("this client already has {limit} connections open on this route")
+            }
+            Rejection::RateLimited { retry_after } => {
+                format!("too many handshakes from this client; retry in {retry_after} s")
+            }
             Rejection::UpstreamUnavailable { detail }
             | Rejection::UpstreamTimeout { detail }
             | Rejection::UpstreamProtocol { detail }
@@ -266,6 +289,9 @@ impl Rejection {
             }
             Rejection::BadVersion { .. } => {
                 headers.insert("sec-websocket-version", HeaderValue::from_static("13"));
+            }
+            Rejection::RateLimited { retry_after } => {
+                headers.insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after));
             }
             Rejection::UpgradeRequired => {
                 headers.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));

@@ -27,6 +27,8 @@
 //! - `admit`: the one admission function every request goes through, in
 //!   the contract's order (route, client IP, shape, origin, token, scope,
 //!   subprotocol), and the one place a refusal is logged and counted.
+//! - `limits`: a route's per-client-IP limits (open connections,
+//!   handshake rate), the only admission check that keeps state.
 //! - [`router`]: host + longest path prefix → route.
 //! - `state`: one runtime generation per config; a reload swaps it, and
 //!   the old one is freed with its last connection.
@@ -55,6 +57,7 @@ pub(crate) mod drain;
 pub(crate) mod error;
 pub mod headers;
 pub(crate) mod http;
+pub(crate) mod limits;
 pub mod listen;
 pub(crate) mod metrics;
 pub mod policy;

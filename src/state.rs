@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, RouteConfig, ServerConfig};
+use crate::limits::ClientLimiter;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::tls::TlsError;
 use crate::upstream::Upstream;
@@ -34,6 +35,8 @@ pub struct Route {
     pub config: Arc<RouteConfig>,
     pub upstream: Arc<Upstream>,
     pub metrics: RouteMetrics,
+    /// `None` when the route sets no per-client limit.
+    pub limits: Option<ClientLimiter>,
 }
 
 pub struct State {
@@ -83,6 +86,7 @@ impl State {
                     config: route.clone(),
                     upstream,
                     metrics: metrics.route(&route.name),
+                    limits: ClientLimiter::new(&route.limits),
                 })
             })
             .collect::<Result<Vec<_>, BuildError>>()?;

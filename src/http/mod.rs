@@ -106,7 +106,8 @@ async fn handle_inner(
     }
     let route = admit::admit(conn, Candidate::Parts(&mut parts), facts).await?;
     if facts.upgrade {
-        ws::upgrade::through_hyper(parts, conn, route, facts.client_ip, started).await
+        let slot = facts.slot.take();
+        ws::upgrade::through_hyper(parts, conn, route, facts.client_ip, slot, started).await
     } else {
         forward::forward_plain(parts, body, &conn.state.routes[route]).await
     }

@@ -20,6 +20,7 @@ use tokio::io::AsyncWriteExt;
 use crate::admit::{self, Candidate, Connection, RequestFacts};
 use crate::body::{self, ProxyBody};
 use crate::error::Rejection;
+use crate::limits::OpenSlot;
 use crate::stream::{self, ClientConn, Prefixed};
 use crate::upstream::UpstreamStream;
 use crate::wire;
@@ -39,6 +40,8 @@ pub(crate) struct Tunnel {
     conn: Connection,
     route: usize,
     peer: TunnelPeer,
+    /// Holds the client's `max_connections_per_ip` slot for the tunnel's life.
+    _slot: Option<OpenSlot>,
 }
 
 /// Who is on the client's end, for the tunnel's log line.
@@ -125,6 +128,7 @@ pub(crate) async fn serve_direct(
             client_ip: facts.client_ip,
             origin,
         },
+        _slot: facts.slot.take(),
     })
 }
 
@@ -141,6 +145,7 @@ pub(crate) async fn through_hyper(
     conn: &Arc<Connection>,
     route_index: usize,
     client_ip: IpAddr,
+    slot: Option<OpenSlot>,
     started: Instant,
 ) -> Result<Response<ProxyBody>, Rejection> {
     let route = &conn.state.routes[route_index];
@@ -166,6 +171,7 @@ pub(crate) async fn through_hyper(
     };
     let conn = conn.clone();
     conn.tunnels.clone().spawn(async move {
+        let _slot = slot;
         let mut client = match client_upgrade.await {
             Ok(upgraded) => match stream::client_from_upgraded(upgraded) {
                 Some(client) => client,

@@ -5,6 +5,7 @@
 mod common;
 
 mod cli;
+mod client_limits;
 mod forwarding;
 mod handshake;
 mod limits;

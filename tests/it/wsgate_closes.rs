@@ -113,14 +113,21 @@ async fn a_client_that_stops_answering_pings_is_dead_and_the_backend_gets_close_
     // A Ping, unmasked and empty, once the client has been silent long
     // enough; answered with a Pong, the client is alive.
     let ping = read_frame(&mut client).await;
-    assert_eq!((ping.first, ping.masked, ping.payload.len()), (0x89, false, 0));
+    assert_eq!(
+        (ping.first, ping.masked, ping.payload.len()),
+        (0x89, false, 0)
+    );
     assert!(upgraded.elapsed() >= Duration::from_millis(250));
     client
         .write_all(&ws_frame(0x8A, b"", Some([9, 8, 7, 6])))
         .await
         .unwrap();
     let pong = next_frame(&mut received).await;
-    assert_eq!((pong.first, pong.masked), (0x8A, true), "the Pong passed on");
+    assert_eq!(
+        (pong.first, pong.masked),
+        (0x8A, true),
+        "the Pong passed on"
+    );
     // Then silence: after the next Ping and its timeout the backend is
     // told, masked, and the dead client's connection is closed.
     let ping = read_frame(&mut client).await;
@@ -128,7 +135,11 @@ async fn a_client_that_stops_answering_pings_is_dead_and_the_backend_gets_close_
     let close = next_frame(&mut received).await;
     assert_eq!((close.first, close.masked), (0x88, true));
     assert_eq!(close.payload, close_payload(1001, "ping timeout"));
-    assert_eq!(read_until_eof(&mut client).await, b"", "nothing after the Ping");
+    assert_eq!(
+        read_until_eof(&mut client).await,
+        b"",
+        "nothing after the Ping"
+    );
     metric_becomes(
         admin,
         "wsgate_tunnels_closed_total",

@@ -39,7 +39,7 @@ use crate::ws::frame::Violation;
 
 mod pump;
 
-use pump::{Own, Pump, PumpError};
+use pump::{MessageBucket, Own, Pump, PumpError};
 
 /// How long wsgate waits for the answer to a Close of its own, outside a
 /// drain.
@@ -165,6 +165,8 @@ struct Clock {
     ping_sent: Option<Instant>,
     /// Pings stopped: the client's direction can no longer carry them.
     pings_off: bool,
+    /// The client is out of message tokens until then (mirrors its pump).
+    resume_at: Option<Instant>,
 }
 
 /// Splices `client` and `upstream` as the module docs say, until both
@@ -181,8 +183,9 @@ where
     C: AsyncRead + HoldForFin + Unpin,
     U: AsyncRead + HoldForFin + Unpin,
 {
-    let mut to_upstream = Pump::new(true, rules.max_message_bytes);
-    let mut to_client = Pump::new(false, rules.max_message_bytes);
+    let bucket = rules.client_message_rate.map(MessageBucket::new);
+    let mut to_upstream = Pump::new(true, rules.max_message_bytes, bucket);
+    let mut to_client = Pump::new(false, rules.max_message_bytes, None);
     // Whoever sent the first Close frame closed the tunnel, or without one,
     // whoever sent the first FIN; the other side only followed.
     let mut first_close: Option<(CloseFrom, Option<u16>)> = None;
@@ -196,6 +199,7 @@ where
         ping_queued: false,
         ping_sent: None,
         pings_off: false,
+        resume_at: None,
     };
     let timer = tokio::time::sleep_until(next_deadline(rules, &clock, None, None));
     tokio::pin!(timer);
@@ -219,6 +223,7 @@ where
             to_upstream.read_closed,
             &mut upstream_moved,
         );
+        clock.resume_at = to_upstream.resume_at;
         // Upward is pumped first, so when both Closes were read in one
         // poll the backend's can be an answer to the client's, never the
         // other way round.
@@ -338,8 +343,18 @@ where
                     .reset(next_deadline(rules, &clock, closing.as_ref(), drain_moment));
             }
         }
+        if let Some(resume_at) = to_upstream.resume_at {
+            if resume_at < timer.deadline() {
+                timer.as_mut().reset(resume_at);
+            }
+        }
         while timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
+            if to_upstream.resume_at.is_some_and(|at| now >= at) {
+                to_upstream.resume_at = None;
+                clock.resume_at = None;
+                cx.waker().wake_by_ref();
+            }
             if drain_moment.is_some_and(|moment| now >= moment.cut_at) {
                 return Poll::Ready(closing.as_ref().map_or(CloseCause::Drain, |c| c.cause));
             }

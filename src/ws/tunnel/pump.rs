@@ -13,10 +13,17 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::time::Duration;
+
 use tokio::io::{AsyncRead, ReadBuf};
+use tokio::time::Instant;
+
+use crate::config::Rate;
 
 use crate::stream::HoldForFin;
-use crate::ws::frame::{self, Control, Event, Fed, FrameFollower, MAX_HEADER_LEN, Violation};
+use crate::ws::frame::{
+    self, Control, Event, Fed, FrameFollower, MAX_HEADER_LEN, Opcode, Violation,
+};
 
 /// `ready!` that also propagates the error as `Poll::Ready(Err)`.
 macro_rules! ready_or_return {
@@ -63,21 +70,84 @@ pub(super) struct Frames {
     pub lost: Option<Violation>,
 }
 
+/// Where and why a feed stopped.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Not stopped: everything was followed.
+    No,
+    /// Before a data frame that takes its message over the limit.
+    OverLimit,
+    /// At a frame end, where a waiting frame of ours can go in.
+    Boundary,
+    /// Before a new message, with no token in the client's message bucket.
+    NoToken,
+}
+
+/// `client_message_rate`: a token bucket on the data messages a client
+/// sends, burst N, refilled at N per period. A tunnel out of tokens stops
+/// reading until one is free: the client is slowed by TCP backpressure,
+/// and nothing is dropped or closed.
+pub(super) struct MessageBucket {
+    tokens: u32,
+    capacity: u32,
+    per_token: Duration,
+    refilled_at: Instant,
+}
+
+impl MessageBucket {
+    pub fn new(rate: Rate) -> MessageBucket {
+        let capacity = rate.count.max(1);
+        MessageBucket {
+            tokens: capacity,
+            capacity,
+            per_token: (rate.period / capacity).max(Duration::from_nanos(1)),
+            refilled_at: Instant::now(),
+        }
+    }
+
+    fn try_take(&mut self, now: Instant) -> bool {
+        let earned =
+            now.saturating_duration_since(self.refilled_at).as_nanos() / self.per_token.as_nanos();
+        if earned > 0 {
+            let earned = u32::try_from(earned).unwrap_or(u32::MAX);
+            self.tokens = self.tokens.saturating_add(earned).min(self.capacity);
+            // A full bucket earns nothing more, so its clock starts now.
+            self.refilled_at = if self.tokens == self.capacity {
+                now
+            } else {
+                self.refilled_at + self.per_token * earned
+            };
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+
+    fn next_token_at(&self) -> Instant {
+        self.refilled_at + self.per_token
+    }
+}
+
 impl Frames {
-    fn follow(&mut self, data: &[u8], limit: Option<u64>, stop_at_frame_end: bool) -> (Fed, bool) {
+    fn follow(
+        &mut self,
+        data: &[u8],
+        limit: Option<u64>,
+        stop_at_frame_end: bool,
+        mut bucket: Option<&mut MessageBucket>,
+    ) -> (Fed, Stop) {
         let Frames {
             follower,
             messages,
             close,
             lost,
         } = self;
-        let mut over_limit = false;
-        let stop_or_go = |stop: bool| {
-            if stop {
-                Control::Stop
-            } else {
-                Control::Continue
-            }
+        let mut stop = Stop::No;
+        let mut stop_here = |reason: Stop| {
+            stop = reason;
+            Control::Stop
         };
         // Every byte goes on whatever the follower makes of it: a stream that
         // is not valid framing only stops being followed.
@@ -86,25 +156,45 @@ impl Frames {
                 if !header.opcode.is_control()
                     && limit.is_some_and(|max| header.message_bytes > max) =>
             {
-                over_limit = true;
-                Control::Stop
+                stop_here(Stop::OverLimit)
+            }
+            // A message's first frame needs a token; its fragments and the
+            // control frames between them do not.
+            Event::Header(header) if matches!(header.opcode, Opcode::Text | Opcode::Binary) => {
+                let out_of_tokens = bucket
+                    .as_deref_mut()
+                    .is_some_and(|bucket| !bucket.try_take(Instant::now()));
+                if out_of_tokens {
+                    stop_here(Stop::NoToken)
+                } else {
+                    Control::Continue
+                }
             }
             Event::Header(_) => Control::Continue,
             Event::MessageEnd { .. } => {
                 *messages += 1;
-                stop_or_go(stop_at_frame_end)
+                if stop_at_frame_end {
+                    stop_here(Stop::Boundary)
+                } else {
+                    Control::Continue
+                }
             }
             Event::Close { code } => {
                 close.get_or_insert(code);
-                stop_or_go(stop_at_frame_end)
+                if stop_at_frame_end {
+                    stop_here(Stop::Boundary)
+                } else {
+                    Control::Continue
+                }
             }
-            Event::FrameEnd { .. } => stop_or_go(stop_at_frame_end),
+            Event::FrameEnd { .. } if stop_at_frame_end => stop_here(Stop::Boundary),
+            Event::FrameEnd { .. } => Control::Continue,
             Event::Lost(violation) => {
                 *lost = Some(violation);
                 Control::Continue
             }
         });
-        (fed, over_limit)
+        (fed, stop)
     }
 
     /// Follows bytes that are not passed on, for the Close that answers
@@ -157,6 +247,13 @@ pub(super) struct Pump {
     held: [u8; MAX_HEADER_LEN - 1],
     held_len: u8,
     limit: Option<u64>,
+    /// The client's message bucket (the client's direction only).
+    bucket: Option<MessageBucket>,
+    /// Bytes read while out of tokens, passed on when one is free.
+    paused_input: Vec<u8>,
+    paused_eof: bool,
+    /// When the next token is free; no reading until the tunnel clears it.
+    pub resume_at: Option<Instant>,
     /// Bytes passed on (wsgate's own frames not counted).
     pub bytes: u64,
     pub frames: Frames,
@@ -168,7 +265,7 @@ pub(super) enum PumpError {
 }
 
 impl Pump {
-    pub fn new(toward_backend: bool, limit: Option<u64>) -> Pump {
+    pub fn new(toward_backend: bool, limit: Option<u64>, bucket: Option<MessageBucket>) -> Pump {
         Pump {
             backlog: Vec::new(),
             backlog_written: 0,
@@ -182,6 +279,10 @@ impl Pump {
             held: [0; MAX_HEADER_LEN - 1],
             held_len: 0,
             limit,
+            bucket,
+            paused_input: Vec::new(),
+            paused_eof: false,
+            resume_at: None,
             bytes: 0,
             frames: Frames {
                 follower: match limit {
@@ -294,6 +395,29 @@ impl Pump {
                     continue;
                 }
             }
+            if self.resume_at.is_some() {
+                // Out of tokens: the tunnel's timer wakes us when one is free.
+                return Poll::Pending;
+            }
+            if !self.paused_input.is_empty() {
+                let input = std::mem::take(&mut self.paused_input);
+                let end = if std::mem::take(&mut self.paused_eof) {
+                    ReadEnd::Eof
+                } else {
+                    ReadEnd::Full
+                };
+                match self.pass_on(
+                    cx,
+                    end,
+                    &input,
+                    input.len(),
+                    writer.as_mut(),
+                    writer_sent_fin,
+                ) {
+                    Step::Continue => continue,
+                    Step::Return(poll) => return poll,
+                }
+            }
             if self.read_closed {
                 if self.needs_flush {
                     ready_or_return!(writer.as_mut().poll_flush(cx).map_err(PumpError::Write));
@@ -359,9 +483,14 @@ impl Pump {
                 let fed = self.frames.follow_discarded(data);
                 self.hold(&data[fed.consumed..]);
             } else {
-                let (fed, over_limit) = self.frames.follow(data, self.limit, self.outbox.is_some());
+                let (fed, stop) = self.frames.follow(
+                    data,
+                    self.limit,
+                    self.outbox.is_some(),
+                    self.bucket.as_mut(),
+                );
                 if fed.stopped {
-                    return self.pass_on_acting(end, data, fed, over_limit);
+                    return self.pass_on_acting(end, data, fed, stop);
                 }
                 // At EOF a held header will never complete: its bytes go on.
                 let forward = if eof { data } else { &data[..fed.consumed] };
@@ -445,26 +574,41 @@ impl Pump {
     }
 
     /// The rare read where wsgate acts: the follower stopped at a frame
-    /// boundary, either before a frame that takes its message over the
-    /// limit or where a waiting frame of ours can go in. Everything goes to
-    /// the backlog, which the read loop writes next.
-    fn pass_on_acting(&mut self, end: ReadEnd, data: &[u8], fed: Fed, over_limit: bool) -> Step {
+    /// boundary, before a frame that takes its message over the limit,
+    /// where a waiting frame of ours can go in, or before a message the
+    /// client has no token for. Everything goes to the backlog, which the
+    /// read loop writes next; after a missing token, the rest waits.
+    fn pass_on_acting(&mut self, end: ReadEnd, data: &[u8], fed: Fed, stop: Stop) -> Step {
         let eof = matches!(end, ReadEnd::Eof);
         self.forward_to_backlog(&data[..fed.consumed]);
         let mut rest = &data[fed.consumed..];
-        let mut over_limit = over_limit;
+        let mut stop = stop;
         loop {
-            let own = if over_limit {
-                self.over_limit = true;
-                Some(Own::Close {
-                    code: 1009,
-                    reason: "message too big",
-                })
-            } else {
-                self.outbox.take()
-            };
-            if let Some(own) = own {
-                self.put_own(own);
+            match stop {
+                Stop::OverLimit => {
+                    self.over_limit = true;
+                    self.put_own(Own::Close {
+                        code: 1009,
+                        reason: "message too big",
+                    });
+                }
+                Stop::Boundary => {
+                    if let Some(own) = self.outbox.take() {
+                        self.put_own(own);
+                    }
+                }
+                Stop::NoToken => {
+                    self.paused_input.extend_from_slice(rest);
+                    self.paused_eof = eof;
+                    self.resume_at = self.bucket.as_ref().map(MessageBucket::next_token_at);
+                    return match end {
+                        ReadEnd::Failed(error) => {
+                            Step::Return(Poll::Ready(Err(PumpError::Read(error))))
+                        }
+                        _ => Step::Continue,
+                    };
+                }
+                Stop::No => {}
             }
             if self.sealed {
                 let fed = self.frames.follow_discarded(rest);
@@ -473,7 +617,9 @@ impl Pump {
                 }
                 break;
             }
-            let (fed, over) = self.frames.follow(rest, self.limit, false);
+            let (fed, next) = self
+                .frames
+                .follow(rest, self.limit, false, self.bucket.as_mut());
             self.forward_to_backlog(&rest[..fed.consumed]);
             rest = &rest[fed.consumed..];
             if !fed.stopped {
@@ -484,7 +630,7 @@ impl Pump {
                 }
                 break;
             }
-            over_limit = over;
+            stop = next;
         }
         match end {
             ReadEnd::Eof => {

@@ -1026,3 +1026,46 @@ async fn drain_closes_are_spread_over_the_window() {
     }
     assert_eq!(began.elapsed(), Duration::from_secs(10), "the last was cut");
 }
+
+/// A client over `client_message_rate` is slowed, not cut: the burst passes
+/// at once, then one message per token, in order, with nothing dropped;
+/// a fragmented message takes one token, the control frames none.
+#[tokio::test(start_paused = true)]
+async fn a_client_over_its_message_rate_is_slowed_by_backpressure() {
+    let mut tunnel = start_with(
+        1 << 16,
+        TunnelConfig {
+            client_message_rate: Some(crate::config::Rate {
+                count: 2,
+                period: Duration::from_secs(1),
+            }),
+            ..rules(NEVER_IDLE)
+        },
+    );
+    let began = Instant::now();
+    let mut messages: Vec<Vec<u8>> = (0..5u8)
+        .map(|n| frame(0x81, &[b'a' + n; 3], MASK))
+        .collect();
+    // The third message in two fragments with a Ping between them.
+    let mut fragmented = frame(0x01, b"fr", MASK);
+    fragmented.extend(frame(0x89, b"", MASK));
+    fragmented.extend(frame(0x80, b"ag", MASK));
+    messages[2] = fragmented;
+    let all: Vec<u8> = messages.concat();
+    send(&mut tunnel.client, &all).await;
+    let mut arrivals = Vec::new();
+    for message in &messages {
+        let got = receive(&mut tunnel.upstream, message.len()).await;
+        assert_eq!(&got, message);
+        arrivals.push(began.elapsed());
+    }
+    // Tokens: two at once, then one per 500 ms.
+    let millis: Vec<u128> = arrivals.iter().map(Duration::as_millis).collect();
+    assert_eq!(millis, [0, 0, 500, 1000, 1500]);
+    fin(&mut tunnel.client).await;
+    fin(&mut tunnel.upstream).await;
+    let ended = splice_outcome(tunnel.task).await;
+    assert_eq!(ended.messages_to_upstream, 5);
+    assert_eq!(ended.client_to_upstream, all.len() as u64);
+    assert_eq!(ended.cause, CloseCause::Client);
+}
