@@ -1,9 +1,12 @@
 //! `wsgate load` against real servers on loopback: the echo backend, a
-//! server that refuses every upgrade, a closed port, a TLS front, and
-//! deliberately broken WebSocket peers.
+//! server that refuses every upgrade, a closed port, a TLS front,
+//! deliberately broken WebSocket peers, and backends that talk on their own
+//! or close with a code of their choosing.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use clap::Parser;
@@ -13,6 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use wsgate::tools::load::{LoadArgs, LoadReport, execute};
 
 fn args(flags: &[&str]) -> LoadArgs {
@@ -148,6 +153,47 @@ async fn spawn_counting_tls_front(
     (addr, resumed)
 }
 
+/// Per connection: a text greeting first; each pair of messages echoed the
+/// other way round; after every fourth message an untagged broadcast, and the
+/// fourth message's echo a second time.
+async fn spawn_chatty() -> SocketAddr {
+    spawn_ws(|mut ws| async move {
+        if ws.send(Message::text(GREETING)).await.is_err() {
+            return;
+        }
+        let mut held = None;
+        let mut count = 0u64;
+        while let Some(Ok(message)) = ws.next().await {
+            // A Close is answered by tungstenite on the next read.
+            let Message::Binary(data) = message else {
+                continue;
+            };
+            count += 1;
+            let Some(first) = held.take() else {
+                held = Some(data);
+                continue;
+            };
+            let mut out = vec![data.clone(), first];
+            if count % 4 == 0 {
+                out.extend([Bytes::from_static(BROADCAST), data]);
+            }
+            for message in out {
+                if ws.send(Message::Binary(message)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+}
+
+const GREETING: &str = "welcome";
+const BROADCAST: &[u8] = b"news for everyone";
+
+fn codes(pairs: &[(u16, u64)]) -> BTreeMap<u16, u64> {
+    pairs.iter().copied().collect()
+}
+
 fn only_status(report: &LoadReport, status: u16, count: u64) {
     let expected = [(status, count)].into_iter().collect();
     assert_eq!(report.statuses, expected, "{report}");
@@ -175,6 +221,13 @@ async fn echo_mode_checks_every_message_and_reconnects() {
     assert_eq!(rtt.count, m.received);
     assert!(rtt.p50 <= rtt.p99 && rtt.p99 <= rtt.max, "{report}");
     assert_eq!(report.errors.total(), 0, "{report}");
+    assert_eq!(m.received_unsolicited, 0, "{report}");
+    // The client closes with 1000 and the echo backend answers in kind.
+    assert_eq!(
+        report.close_codes,
+        codes(&[(1000, h.succeeded)]),
+        "{report}"
+    );
     assert!(report.passed());
     // Reconnecting means more sessions than connections in 700 ms.
     assert!(h.succeeded > 4, "{report}");
@@ -183,6 +236,89 @@ async fn echo_mode_checks_every_message_and_reconnects() {
     assert_eq!(json["mode"], "echo");
     assert_eq!(json["statuses"]["101"], h.succeeded);
     assert_eq!(json["messages"]["received"], m.received);
+    assert_eq!(json["messages"]["received_unsolicited"], 0);
+    assert_eq!(json["close_codes"]["1000"], h.succeeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backends_own_messages_and_swapped_echoes_are_no_errors() {
+    let addr = spawn_chatty().await;
+    let url = format!("ws://{addr}/");
+    // Hold mode sends each connection's messages exactly once, so the
+    // backend's extras are known in advance; two in flight let it swap.
+    let report = run(&format!(
+        "--url {url} --mode hold --connections 3 --messages 12 --in-flight 2 --duration 500ms"
+    ))
+    .await;
+    assert_eq!(report.handshakes.succeeded, 3, "{report}");
+    assert_eq!(report.errors.total(), 0, "{report}");
+    let m = &report.messages;
+    assert_eq!((m.sent, m.received), (36, 36), "{report}");
+    assert_eq!(m.bytes_received, 36 * 128, "{report}");
+    let rtt = report.echo_rtt_ms.as_ref().expect("rtt samples");
+    assert_eq!(rtt.count, 36, "{report}");
+    // Per connection: the greeting, then after messages 4, 8 and 12 a
+    // broadcast and a repeated echo.
+    assert_eq!(m.received_unsolicited, 3 * (1 + 3 * 2), "{report}");
+    let extra_bytes = GREETING.len() + 3 * (BROADCAST.len() + 128);
+    assert_eq!(
+        m.bytes_received_unsolicited,
+        3 * extra_bytes as u64,
+        "{report}"
+    );
+    assert_eq!(report.close_codes, codes(&[(1000, 3)]), "{report}");
+    assert!(report.passed(), "{report}");
+    let text = report.to_string();
+    assert!(text.contains("\nunsolicited     21 msgs"), "{text}");
+    assert!(text.contains("\nclose codes     1000: 3\n"), "{text}");
+    let json = serde_json::to_value(&report).expect("json");
+    assert_eq!(json["messages"]["received_unsolicited"], 21);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_codes_are_counted_per_connection() {
+    // By upgrade order: Close 1012, Close 1001, a Close without a code, and
+    // a dropped TCP connection with no Close at all; twice each.
+    let upgraded = Arc::new(AtomicUsize::new(0));
+    let addr = spawn_ws(move |mut ws| {
+        let nth = upgraded.fetch_add(1, Ordering::Relaxed);
+        async move {
+            let frame = |code: u16, reason: &'static str| {
+                Some(CloseFrame {
+                    code: CloseCode::from(code),
+                    reason: reason.into(),
+                })
+            };
+            let close = match nth % 4 {
+                0 => frame(1012, "service restart"),
+                1 => frame(1001, "going away"),
+                2 => None,
+                _ => return,
+            };
+            if ws.close(close).await.is_err() {
+                return;
+            }
+            // Until the client's answer ends the closing handshake.
+            while let Some(Ok(_)) = ws.next().await {}
+        }
+    })
+    .await;
+    let url = format!("ws://{addr}/");
+    let report = run(&format!("--url {url} --connections 8 --duration 500ms")).await;
+    assert_eq!(report.handshakes.succeeded, 8, "{report}");
+    let expected = codes(&[(1001, 2), (1005, 2), (1006, 2), (1012, 2)]);
+    assert_eq!(report.close_codes, expected, "{report}");
+    // The server ended every connection before the client was done.
+    assert_eq!(report.errors.closed_early, 8, "{report}");
+    assert_eq!(report.messages.received_unsolicited, 0, "{report}");
+    let text = report.to_string();
+    assert!(
+        text.contains("\nclose codes     1001: 2  1005: 2  1006: 2  1012: 2\n"),
+        "{text}"
+    );
+    let json = serde_json::to_value(&report).expect("json");
+    assert_eq!(json["close_codes"]["1012"], 2);
+    assert_eq!(json["close_codes"]["1006"], 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,6 +347,7 @@ async fn hold_mode_opens_each_connection_once() {
     assert_eq!(report.peak_open_connections, 20, "{report}");
     assert_eq!(report.messages.sent, 60, "{report}");
     assert_eq!(report.messages.received, 60, "{report}");
+    assert_eq!(report.close_codes, codes(&[(1000, 20)]), "{report}");
     assert!(report.passed(), "{report}");
 }
 
@@ -228,6 +365,11 @@ async fn handshake_mode_respects_rate() {
     assert_eq!(h.succeeded, h.attempted, "{report}");
     assert!(report.handshake_latency_ms.is_some());
     assert_eq!(report.messages.sent, 0);
+    assert_eq!(
+        report.close_codes,
+        codes(&[(1000, h.succeeded)]),
+        "{report}"
+    );
     assert!(report.passed(), "{report}");
 }
 
@@ -326,9 +468,13 @@ async fn wss_with_insecure_accepts_a_self_signed_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_echo_is_a_mismatch() {
+    // The last byte: with the first, the tag up front, it would be no echo of
+    // that message at all, but unsolicited, and the real echo a timeout.
     let addr = spawn_answering(|data| async move {
         let mut data = data.to_vec();
-        data[0] ^= 0xff;
+        if let Some(last) = data.last_mut() {
+            *last ^= 0xff;
+        }
         data.into()
     })
     .await;
@@ -349,6 +495,7 @@ async fn a_dropped_tunnel_is_closed_early() {
     let report = run(&format!("--url {url} --connections 3 --duration 500ms")).await;
     assert_eq!(report.handshakes.succeeded, 3, "{report}");
     assert_eq!(report.errors.closed_early, 3, "{report}");
+    assert_eq!(report.close_codes, codes(&[(1006, 3)]), "{report}");
     assert!(!report.passed());
 }
 
@@ -395,6 +542,14 @@ async fn contradictory_modes_are_refused() {
         "3",
     ]);
     assert!(execute(&handshake_with_messages).await.is_err());
+    // Each message carries a 16-byte tag; one that cannot hold it is refused.
+    let too_small = "--url ws://127.0.0.1:9/ --messages 3 --message-size 15";
+    let too_small = args(&too_small.split_whitespace().collect::<Vec<_>>());
+    let error = match execute(&too_small).await {
+        Ok(report) => panic!("--message-size 15 ran: {report}"),
+        Err(error) => error.to_string(),
+    };
+    assert!(error.contains("--message-size"), "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,14 +3,18 @@
 //! `--connections` workers each run one [`Mode`] until `--duration` ends:
 //! hold a connection idle, echo messages (back to back, or on a timetable
 //! with `--message-rate`) and reconnect, or upgrade and close as fast as
-//! allowed. Every echo is compared with what was sent, so a tunnel that
-//! corrupts, drops or cross-wires data shows up as an error, not as speed.
+//! allowed. Every message carries a tag (its connection and sequence
+//! number) and every echo is matched to its send by that tag and compared
+//! with it, so a tunnel that corrupts, drops or cross-wires data shows up as
+//! an error, not as speed — while a backend's own messages (a greeting,
+//! broadcasts) and echoes out of order are normal and merely counted.
 //!
 //! Layout: this file parses flags and runs the workers; `client` connects,
-//! speaks TLS and upgrades; `session` is what a worker does per mode; `pace`
-//! decides when handshakes and paced sends may start; `stats` counts while
-//! running; `report` is the result and its printing; `progress` is the live
-//! line on a terminal.
+//! speaks TLS and upgrades; `session` is what a worker does per mode; `tag`
+//! builds the messages and recognises their echoes; `pace` decides when
+//! handshakes and paced sends may start; `stats` counts while running;
+//! `report` is the result and its printing; `progress` is the live line on a
+//! terminal.
 
 mod client;
 mod pace;
@@ -18,6 +22,7 @@ mod progress;
 mod report;
 mod session;
 mod stats;
+mod tag;
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -67,7 +72,8 @@ pub struct LoadArgs {
     #[arg(long, value_parser = parse_rate)]
     pub rate: Option<f64>,
 
-    /// Payload bytes per message [default: 128, or 1 MiB in bulk mode].
+    /// Payload bytes per message, at least 16: the tag that matches each
+    /// echo to its send [default: 128, or 1 MiB in bulk mode].
     #[arg(long)]
     pub message_size: Option<usize>,
 
@@ -197,6 +203,12 @@ pub async fn execute(args: &LoadArgs) -> anyhow::Result<LoadReport> {
         Mode::Bulk => BULK_MESSAGE_SIZE,
         Mode::Hold | Mode::Echo | Mode::Handshake => 128,
     });
+    if args.messages > 0 && message_size < tag::TAG_LEN {
+        bail!(
+            "--message-size must be at least {} bytes: each message carries a tag that matches its echo",
+            tag::TAG_LEN
+        );
+    }
     raise_open_file_limit(args.connections);
 
     let mut headers = HeaderMap::new();

@@ -30,6 +30,11 @@ pub struct LoadReport {
     /// From sending a message to its echo arriving; `null` when none came back.
     pub echo_rtt_ms: Option<Latency>,
     pub messages: Traffic,
+    /// How each upgraded connection ended, by the code of the Close frame the
+    /// server sent: 1005 for a Close without a code, 1006 for none at all
+    /// (the connection dropped, or was given up by the client after an echo
+    /// error). Sums to `handshakes.succeeded`.
+    pub close_codes: BTreeMap<u16, u64>,
     pub errors: SessionErrors,
     pub peak_open_connections: u64,
 }
@@ -107,6 +112,8 @@ impl Latency {
 }
 
 /// Payload messages and bytes each way (frame headers not counted).
+/// `received` counts echoes only, matched to their sends by the tag each
+/// message carries; the rest is `received_unsolicited`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Traffic {
     pub sent: u64,
@@ -117,12 +124,17 @@ pub struct Traffic {
     pub received_per_sec: f64,
     pub bytes_sent_per_sec: f64,
     pub bytes_received_per_sec: f64,
+    /// Data messages that were no echo of an outstanding send: a greeting, a
+    /// broadcast, a message with another connection's tag, a second echo of
+    /// one message. Normal for many backends; not an error.
+    pub received_unsolicited: u64,
+    pub bytes_received_unsolicited: u64,
 }
 
 /// Trouble on upgraded connections: how a broken tunnel shows up.
 #[derive(Debug, Clone, Serialize)]
 pub struct SessionErrors {
-    /// An echo differed from what was sent, or arrived unasked.
+    /// An echo carried the tag of an outstanding message but differed from it.
     pub echo_mismatch: u64,
     /// An echo (or the room to send) did not come within the timeout.
     pub echo_timeout: u64,
@@ -200,6 +212,18 @@ impl fmt::Display for LoadReport {
             Bytes(m.bytes_received as f64),
             Bytes(m.bytes_received_per_sec)
         )?;
+        writeln!(
+            f,
+            "unsolicited     {} msgs  {}",
+            m.received_unsolicited,
+            Bytes(m.bytes_received_unsolicited as f64)
+        )?;
+        let close_codes: Vec<String> = self
+            .close_codes
+            .iter()
+            .map(|(code, n)| format!("{code}: {n}"))
+            .collect();
+        writeln!(f, "close codes     {}", none_if_empty(&close_codes))?;
         let e = &self.errors;
         let errors: Vec<String> = [
             ("echo_mismatch", e.echo_mismatch),

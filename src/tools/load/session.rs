@@ -1,20 +1,23 @@
 //! What each of the `--connections` workers does with its connection, per
 //! mode.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{Semaphore, TryAcquireError, mpsc};
 use tokio::time::{Instant, sleep_until};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use super::Mode;
 use super::client::{Attempt, Bounded, Target, Ws, bounded};
 use super::pace::{MessageRate, Pacer, SendTimes};
 use super::stats::{OpenConn, Stats, Tally};
+use super::tag::{Arrival, Payloads};
 
 /// Everything the workers share for one run.
 pub(super) struct Plan {
@@ -37,6 +40,7 @@ pub(super) struct Plan {
 }
 
 /// Why an upgraded connection ended badly.
+#[derive(Clone, Copy)]
 enum SessionError {
     Mismatch,
     Timeout,
@@ -46,35 +50,33 @@ enum SessionError {
 impl Plan {
     /// One worker: runs its mode until the deadline, using `source` as the local address.
     pub(super) async fn worker(&self, index: usize, source: Option<IpAddr>) {
-        let payload = payload(self.message_size, index as u64);
+        let payloads = Payloads::new(self.message_size, index);
         match self.mode {
             Mode::Hold => {
-                if let Some((ws, _open)) = self.open(source).await {
-                    let ws = match self.exchange(ws, &payload, None).await {
-                        Some(ws) => ws,
-                        None => return,
-                    };
-                    self.hold(ws).await;
+                if let Some((ws, mut conn)) = self.open(source).await {
+                    if let Some(ws) = self.exchange(ws, &mut conn, &payloads, None).await {
+                        self.hold(ws, &mut conn).await;
+                    }
                 }
             }
             Mode::Echo | Mode::Bulk => {
                 while Instant::now() < self.deadline {
-                    let Some((ws, _open)) = self.open(source).await else {
+                    let Some((ws, mut conn)) = self.open(source).await else {
                         continue;
                     };
                     let send_times = self
                         .message_rate
                         .as_ref()
                         .map(|rate| rate.send_times(index));
-                    if let Some(ws) = self.exchange(ws, &payload, send_times).await {
-                        self.close(ws, true).await;
+                    if let Some(ws) = self.exchange(ws, &mut conn, &payloads, send_times).await {
+                        self.close(ws, &mut conn).await;
                     }
                 }
             }
             Mode::Handshake => {
                 while Instant::now() < self.deadline {
-                    if let Some((ws, _open)) = self.open(source).await {
-                        self.close(ws, false).await;
+                    if let Some((ws, mut conn)) = self.open(source).await {
+                        self.close(ws, &mut conn).await;
                     }
                 }
             }
@@ -106,13 +108,14 @@ impl Plan {
         }
     }
 
-    /// Sends `--messages` copies of `payload` with up to `--in-flight` outstanding,
-    /// back to back or at `send_times`, checks every echo, and hands the
-    /// connection back if all went well.
+    /// Sends `--messages` tagged messages with up to `--in-flight` outstanding,
+    /// back to back or at `send_times`, matches every echo to its send by its
+    /// tag, and hands the connection back if all went well.
     async fn exchange(
         &self,
         ws: Ws,
-        payload: &Bytes,
+        conn: &mut OpenConn<'_>,
+        payloads: &Payloads,
         mut send_times: Option<SendTimes>,
     ) -> Option<Ws> {
         if self.messages == 0 {
@@ -123,13 +126,15 @@ impl Plan {
         // would cap a connection at one message per round trip, and sending
         // without reading could deadlock once both socket buffers are full.
         let window = Semaphore::new(self.in_flight);
-        let (sent_at_tx, mut sent_at_rx) = mpsc::unbounded_channel::<Instant>();
+        // Each message's sequence number and the instant its round trip is timed from.
+        let (sent_tx, mut sent_rx) = mpsc::unbounded_channel::<(u64, Instant)>();
         let writer = async {
             let mut sent = Tally::new(&self.stats.sent, &self.stats.bytes_sent);
+            let mut stamper = payloads.stamper();
             // Messages that fit in the window go out in one write, as a busy
             // client's would; the socket is flushed only before waiting.
             let mut unflushed = false;
-            for _ in 0..self.messages {
+            for sequence in 0..self.messages {
                 let timed_from = match &mut send_times {
                     Some(send_times) => {
                         if unflushed {
@@ -164,82 +169,150 @@ impl Plan {
                     break;
                 }
                 // Queued before the message goes out, so the receiver always finds it.
-                let _ = sent_at_tx.send(timed_from.unwrap_or_else(Instant::now));
-                self.finish_send(sink.feed(Message::Binary(payload.clone())))
+                let _ = sent_tx.send((sequence, timed_from.unwrap_or_else(Instant::now)));
+                let message = stamper.message(sequence);
+                let len = message.len();
+                self.finish_send(sink.feed(Message::Binary(message)))
                     .await?;
                 unflushed = true;
-                sent.add(payload.len());
+                sent.add(len);
             }
             if unflushed {
                 self.finish_send(sink.flush()).await?;
             }
-            drop(sent_at_tx);
-            Ok(sink)
+            drop(sent_tx);
+            Ok(())
         };
         let reader = async {
-            let mut received = Tally::new(&self.stats.received, &self.stats.bytes_received);
+            let mut echoes = Tally::new(&self.stats.received, &self.stats.bytes_received);
+            let mut unsolicited = self.stats.unsolicited();
             let mut rtts = self.stats.rtt_recorder();
-            while let Some(sent_at) = sent_at_rx.recv().await {
-                let limit = (sent_at + self.timeout).min(self.hard_end);
-                let data = loop {
-                    match tokio::time::timeout_at(limit, stream.next()).await {
-                        Err(_) => return Err(SessionError::Timeout),
-                        Ok(Some(Ok(Message::Binary(data)))) => break data,
-                        Ok(Some(Ok(Message::Text(_)))) => return Err(SessionError::Mismatch),
-                        // Control frames; tungstenite answers pings by itself.
-                        Ok(Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)))) => {}
-                        Ok(Some(Ok(Message::Close(_)) | Err(_)) | None) => {
-                            return Err(SessionError::ClosedEarly);
+            // Sent and not yet echoed, by sequence number: at most --in-flight.
+            let mut outstanding = BTreeMap::<u64, Instant>::new();
+            let mut writing = true;
+            while writing || !outstanding.is_empty() {
+                // The lowest sequence number went out first, so its echo is due first.
+                let limit = match outstanding.first_key_value() {
+                    Some((_, &sent_at)) => (sent_at + self.timeout).min(self.hard_end),
+                    None => self.hard_end,
+                };
+                let message = tokio::select! {
+                    // Taking sends first means a message is outstanding
+                    // before its echo is looked at.
+                    biased;
+                    sent = sent_rx.recv(), if writing => {
+                        match sent {
+                            Some((sequence, sent_at)) => {
+                                outstanding.insert(sequence, sent_at);
+                            }
+                            None => writing = false,
+                        }
+                        continue;
+                    }
+                    message = stream.next() => message,
+                    () = sleep_until(limit) => return Err(SessionError::Timeout),
+                };
+                let data = match message {
+                    Some(Ok(Message::Binary(data))) => data,
+                    Some(Ok(Message::Text(text))) => {
+                        unsolicited.add(text.len());
+                        continue;
+                    }
+                    // Control frames; tungstenite answers pings by itself.
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                    Some(Ok(Message::Close(frame))) => {
+                        conn.server_closed(close_code(frame.as_ref()));
+                        return Err(SessionError::ClosedEarly);
+                    }
+                    Some(Err(_)) | None => return Err(SessionError::ClosedEarly),
+                };
+                match payloads.classify(&data) {
+                    Arrival::Echo(sequence) => {
+                        if let Some(sent_at) = outstanding.remove(&sequence) {
+                            rtts.record(sent_at.elapsed());
+                            echoes.add(data.len());
+                            window.add_permits(1);
+                            continue;
                         }
                     }
-                };
-                if data != *payload {
-                    return Err(SessionError::Mismatch);
+                    Arrival::Altered(sequence) if outstanding.contains_key(&sequence) => {
+                        return Err(SessionError::Mismatch);
+                    }
+                    Arrival::Altered(_) | Arrival::Foreign => {}
                 }
-                rtts.record(sent_at.elapsed());
-                received.add(data.len());
-                window.add_permits(1);
+                // A repeated echo lands here too: a backend that broadcasts
+                // to every client, the sender included, sends one.
+                unsolicited.add(data.len());
             }
-            Ok(stream)
+            Ok(())
         };
-        match tokio::try_join!(writer, reader) {
-            Ok((sink, stream)) => stream.reunite(sink).ok(),
-            Err(error) => {
-                self.count(error);
-                None
-            }
+        let outcome = tokio::try_join!(writer, reader);
+        let ws = stream.reunite(sink).ok();
+        let Err(error) = outcome else {
+            return ws;
+        };
+        self.count(error);
+        match (error, ws) {
+            // Answer the server's Close, or find the one a failed write may
+            // have raced with.
+            (SessionError::ClosedEarly, Some(ws)) => self.close(ws, conn).await,
+            // Waiting for the closing handshake of a broken tunnel would only
+            // stretch the run.
+            (SessionError::ClosedEarly, None)
+            | (SessionError::Mismatch | SessionError::Timeout, _) => {}
         }
+        None
     }
 
     /// Keeps the connection open and idle until the deadline, then closes it.
-    async fn hold(&self, mut ws: Ws) {
+    async fn hold(&self, mut ws: Ws, conn: &mut OpenConn<'_>) {
+        let mut unsolicited = self.stats.unsolicited();
         loop {
             tokio::select! {
                 () = sleep_until(self.deadline) => break,
                 message = ws.next() => match message {
                     // Data a backend pushes on its own is fine while holding.
-                    Some(Ok(Message::Binary(_) | Message::Text(_) | Message::Ping(_)
-                        | Message::Pong(_) | Message::Frame(_))) => {}
-                    Some(Ok(Message::Close(_)) | Err(_)) | None => {
+                    Some(Ok(Message::Binary(data))) => unsolicited.add(data.len()),
+                    Some(Ok(Message::Text(text))) => unsolicited.add(text.len()),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                    Some(Ok(Message::Close(frame))) => {
+                        conn.server_closed(close_code(frame.as_ref()));
+                        self.count(SessionError::ClosedEarly);
+                        // On to answer the Close.
+                        break;
+                    }
+                    Some(Err(_)) | None => {
                         self.count(SessionError::ClosedEarly);
                         return;
                     }
                 },
             }
         }
-        self.close(ws, self.messages > 0).await;
+        self.close(ws, conn).await;
     }
 
-    /// The client's side of the closing handshake. With `strict`, data arriving
-    /// now is an echo nobody asked for: a duplicated or misrouted message.
-    async fn close(&self, mut ws: Ws, strict: bool) {
+    /// The client's side of the closing handshake, or its answer to the
+    /// server's Close, then reading until the connection ends to learn the
+    /// server's close code. Every echo is in by now: data arriving is
+    /// unsolicited.
+    async fn close(&self, mut ws: Ws, conn: &mut OpenConn<'_>) {
+        let mut unsolicited = self.stats.unsolicited();
         let closing = async {
-            if ws.close(None).await.is_err() {
-                return;
-            }
+            let normal = CloseFrame {
+                code: CloseCode::Normal,
+                reason: "".into(),
+            };
+            // A failed send is no reason to stop reading: after the server's
+            // own Close tungstenite refuses ours but sends the answer it
+            // queued on the next read, and on a broken connection the
+            // server's Close may still be waiting in the socket.
+            let _ = ws.close(Some(normal)).await;
             while let Some(Ok(message)) = ws.next().await {
-                if strict && matches!(message, Message::Binary(_) | Message::Text(_)) {
-                    self.count(SessionError::Mismatch);
+                match message {
+                    Message::Binary(data) => unsolicited.add(data.len()),
+                    Message::Text(text) => unsolicited.add(text.len()),
+                    Message::Close(frame) => conn.server_closed(close_code(frame.as_ref())),
+                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
                 }
             }
         };
@@ -270,14 +343,7 @@ impl Plan {
     }
 }
 
-/// A payload unique to the worker, so that an echo delivered to the wrong
-/// connection shows up as a mismatch. Built once: every send shares it.
-fn payload(size: usize, worker: u64) -> Bytes {
-    let tag = worker.to_le_bytes();
-    (0..size)
-        .map(|i| match tag.get(i) {
-            Some(&byte) => byte,
-            None => (i as u8).wrapping_mul(31) ^ tag[i % tag.len()],
-        })
-        .collect()
+/// RFC 6455 §7.1.5: a Close frame without a code counts as 1005.
+fn close_code(frame: Option<&CloseFrame>) -> u16 {
+    frame.map_or(u16::from(CloseCode::Status), |frame| u16::from(frame.code))
 }

@@ -32,6 +32,10 @@ pub(super) struct Stats {
     pub(super) bytes_sent: AtomicU64,
     pub(super) received: AtomicU64,
     pub(super) bytes_received: AtomicU64,
+    unsolicited: AtomicU64,
+    bytes_unsolicited: AtomicU64,
+    /// The server's close code of every upgraded connection that ended.
+    close_codes: Mutex<BTreeMap<u16, u64>>,
     pub(super) echo_mismatch: AtomicU64,
     pub(super) echo_timeout: AtomicU64,
     pub(super) closed_early: AtomicU64,
@@ -51,12 +55,31 @@ struct FailureCounters {
     other: AtomicU64,
 }
 
-/// Decrements the open-connection gauge when the connection is gone.
-pub(super) struct OpenConn<'a>(&'a Stats);
+/// RFC 6455 §7.1.5: the connection closed without a Close frame.
+const ABNORMAL_CLOSURE: u16 = 1006;
+
+/// One upgraded connection while it lasts. When it is gone it leaves the
+/// open-connection gauge and counts under the code of the Close the server
+/// sent, or 1006 without one — so every connection that upgraded is counted
+/// under exactly one code, however it ended.
+pub(super) struct OpenConn<'a> {
+    stats: &'a Stats,
+    server_close: Option<u16>,
+}
+
+impl OpenConn<'_> {
+    /// The server's Close frame arrived with this code; a connection carries
+    /// one Close each way, so only the first is kept.
+    pub(super) fn server_closed(&mut self, code: u16) {
+        self.server_close.get_or_insert(code);
+    }
+}
 
 impl Drop for OpenConn<'_> {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Relaxed);
+        self.stats.open.fetch_sub(1, Relaxed);
+        let code = self.server_close.unwrap_or(ABNORMAL_CLOSURE);
+        *lock(&self.stats.close_codes).entry(code).or_default() += 1;
     }
 }
 
@@ -75,6 +98,9 @@ impl Stats {
             bytes_sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
+            unsolicited: AtomicU64::new(0),
+            bytes_unsolicited: AtomicU64::new(0),
+            close_codes: Mutex::new(BTreeMap::new()),
             echo_mismatch: AtomicU64::new(0),
             echo_timeout: AtomicU64::new(0),
             closed_early: AtomicU64::new(0),
@@ -89,7 +115,10 @@ impl Stats {
         lock(&self.handshake_latency).saturating_record(micros(latency));
         let open = self.open.fetch_add(1, Relaxed) + 1;
         self.open_peak.fetch_max(open, Relaxed);
-        OpenConn(self)
+        OpenConn {
+            stats: self,
+            server_close: None,
+        }
     }
 
     pub(super) fn handshake_failed(&self, failure: Failure) {
@@ -116,6 +145,11 @@ impl Stats {
 
     pub(super) fn failed_now(&self) -> u64 {
         self.failures.snapshot().total()
+    }
+
+    /// Data messages that are not the echo of an outstanding send.
+    pub(super) fn unsolicited(&self) -> Tally<'_> {
+        Tally::new(&self.unsolicited, &self.bytes_unsolicited)
     }
 
     pub(super) fn rtt_recorder(&self) -> RttRecorder<'_> {
@@ -169,7 +203,10 @@ impl Stats {
                 received_per_sec: per_sec(received),
                 bytes_sent_per_sec: per_sec(bytes_sent),
                 bytes_received_per_sec: per_sec(bytes_received),
+                received_unsolicited: self.unsolicited.load(Relaxed),
+                bytes_received_unsolicited: self.bytes_unsolicited.load(Relaxed),
             },
+            close_codes: lock(&self.close_codes).clone(),
             errors: SessionErrors {
                 echo_mismatch: self.echo_mismatch.load(Relaxed),
                 echo_timeout: self.echo_timeout.load(Relaxed),
