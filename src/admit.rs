@@ -107,6 +107,17 @@ impl RequestFacts {
         route_metrics(state, self.matched_route(state))
     }
 
+    /// The matched route's name, `-` for none.
+    pub(crate) fn route_name<'s>(&self, state: &'s State) -> &'s str {
+        self.matched_route(state)
+            .map(|route| route.config.name.as_str())
+            .unwrap_or("-")
+    }
+
+    pub(crate) fn logged_path(&self) -> String {
+        redacted_path(&self.uri)
+    }
+
     fn matched_route<'s>(&self, state: &'s State) -> Option<&'s Route> {
         self.route.and_then(|index| state.routes.get(index))
     }
@@ -177,6 +188,14 @@ fn check_head<F: Fields + ?Sized>(
     facts: &mut RequestFacts,
 ) -> Result<(usize, Hop), Rejection> {
     let state = &conn.state;
+    // RFC 9112 §3.2: more than one Host is a 400; left through, the route
+    // would match one Host and the backend might read the other.
+    let host_field = HOST;
+    if fields.values(&host_field).nth(1).is_some() {
+        return Err(Rejection::BadRequest {
+            detail: "more than one Host header",
+        });
+    }
     let host = request_host(uri, fields);
     let index = router::route(
         state.routes.iter().map(|route| &*route.config),
@@ -331,7 +350,7 @@ pub(crate) fn report_unrouted(state: &State, peer: SocketAddr, rejection: &Rejec
 }
 
 /// Query values can carry tokens, so only the parameter names are logged.
-fn redacted_path(uri: &Uri) -> String {
+pub(crate) fn redacted_path(uri: &Uri) -> String {
     match uri.query() {
         None => uri.path().to_owned(),
         Some(query) => {

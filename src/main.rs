@@ -25,13 +25,15 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the config until SIGINT/SIGTERM; SIGHUP reloads it.
-    Run(ConfigArg),
+    Run(RunArgs),
     /// Validate the config like `nginx -t`: print `config ok` or every problem.
     Check(ConfigArg),
     /// Echo backend + proxy with TLS + a scripted run through it, in one process.
     Demo,
     /// Load-test WebSocket upgrade passthrough.
     Load(wsgate::tools::load::LoadArgs),
+    /// Diagnose a WebSocket endpoint, wsgate or not: each step, a verdict and the likely fix.
+    Probe(wsgate::tools::probe::ProbeArgs),
     /// Write a self-signed development certificate and key (ECDSA P-256).
     Cert(CertArgs),
     /// Run a WebSocket echo backend (for trying wsgate out and for benchmarks).
@@ -49,6 +51,22 @@ struct ConfigArg {
 }
 
 #[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// `text` (colour only on a terminal) or `json`: one object a line with
+    /// timestamp, level, message and every field.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args)]
 struct CertArgs {
     /// Folder to write NAME.crt and NAME.key into.
     #[arg(long, default_value = "certs")]
@@ -61,21 +79,42 @@ struct CertArgs {
     hosts: Vec<String>,
 }
 
+/// Logs go to stderr; colour codes only when it is a terminal, so log files
+/// and journald get plain text.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let command = cli.command.unwrap_or(Command::Run(ConfigArg {
-        config: PathBuf::from("proxy.toml"),
+    let command = cli.command.unwrap_or(Command::Run(RunArgs {
+        config: ConfigArg {
+            config: PathBuf::from("proxy.toml"),
+        },
+        log_format: LogFormat::Text,
     }));
+    let log_format = match &command {
+        Command::Run(args) => args.log_format,
+        _ => LogFormat::Text,
+    };
+    init_logging(log_format);
     // `run` loads its config before the runtime exists: `[server]
     // worker_threads` decides which runtime to build.
     let config = match &command {
-        Command::Run(args) => match Config::load(&args.config) {
+        Command::Run(args) => match Config::load(&args.config.config) {
             Ok(config) => Some(config),
             Err(errors) => {
                 eprintln!("wsgate: {errors}");
@@ -97,7 +136,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match command {
             Command::Run(args) => match config {
-                Some(config) => serve(&args.config, config)
+                Some(config) => serve(&args.config.config, config)
                     .await
                     .map(|()| ExitCode::SUCCESS),
                 None => unreachable!("`run` loaded its config above"),
@@ -111,6 +150,7 @@ fn main() -> ExitCode {
                 }
             }),
             Command::Load(args) => wsgate::tools::load::run(args).await,
+            Command::Probe(args) => wsgate::tools::probe::run(args).await,
             Command::Cert(args) => write_certificate(&args).map(|()| ExitCode::SUCCESS),
             Command::Echo { listen } => {
                 let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -146,7 +186,10 @@ fn build_runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runt
 
 fn check(path: &Path) -> ExitCode {
     match Config::load(path) {
-        Ok(_) => {
+        Ok(config) => {
+            for warning in config.warnings() {
+                println!("warning: {warning}");
+            }
             println!("config ok");
             ExitCode::SUCCESS
         }
@@ -158,9 +201,15 @@ fn check(path: &Path) -> ExitCode {
 }
 
 async fn serve(path: &Path, config: Config) -> anyhow::Result<()> {
+    for warning in config.warnings() {
+        tracing::warn!(%warning, "config");
+    }
     let proxy = Proxy::bind(&config).await?;
     for addr in proxy.local_addrs() {
         tracing::info!(%addr, "listening");
+    }
+    if let Some(addr) = proxy.admin_addr() {
+        tracing::info!(%addr, "admin endpoints /metrics, /healthz and /readyz up");
     }
     let reloader = proxy.reloader();
     let mut hangups = signal(SignalKind::hangup())?;
@@ -168,15 +217,7 @@ async fn serve(path: &Path, config: Config) -> anyhow::Result<()> {
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
             // A bad new config must never take the running one down.
-            // One log line per event: the problems are joined, not listed on lines of their own.
-            let outcome = Config::load(&config_path)
-                .map_err(|errors| {
-                    let problems: Vec<String> =
-                        errors.problems.iter().map(ToString::to_string).collect();
-                    anyhow::anyhow!(problems.join("; "))
-                })
-                .and_then(|config| Ok(reloader.apply(&config)?));
-            if let Err(error) = outcome {
+            if let Err(error) = reloader.reload_from(&config_path) {
                 tracing::error!(%error, "reload refused; the previous configuration keeps serving");
             }
         }

@@ -51,6 +51,28 @@ struct CloseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    version: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabel {
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServerStateLabels {
+    upstream: String,
+    server: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabels {
     route: String,
     status: u16,
@@ -78,6 +100,14 @@ pub struct Metrics {
     handshake_duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
     http_requests: Family<StatusLabels, Counter>,
     origin_reports: Family<RouteLabel, Counter>,
+    upstream_servers: Family<ServerStateLabels, Gauge>,
+    /// The (upstream, server) pairs `upstream_servers` has series for, so a
+    /// reload can drop the series of servers no longer configured: a server
+    /// removed while down would otherwise stay "down" for alerts forever.
+    known_servers: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
+    reloads: Family<ResultLabel, Counter>,
+    tls_handshake_failures: Family<ListenerLabel, Counter>,
+    upstream_refusals: Family<StatusLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -101,6 +131,11 @@ impl Metrics {
             Family::new_with_constructor(duration_histogram as fn() -> Histogram);
         let http_requests = Family::default();
         let origin_reports = Family::default();
+        let upstream_servers = Family::default();
+        let reloads: Family<ResultLabel, Counter> = Family::default();
+        let build_info: Family<VersionLabel, Gauge> = Family::default();
+        let tls_handshake_failures = Family::default();
+        let upstream_refusals = Family::default();
         // prometheus-client appends `_total` to counters itself.
         registry.register(
             "wsgate_handshakes",
@@ -157,6 +192,41 @@ impl Metrics {
             "Would-be origin rejections let through by origin_mode = \"report\"",
             origin_reports.clone(),
         );
+        registry.register(
+            "wsgate_upstream_servers",
+            "Upstream servers by state, 1 for the current one: up = in rotation by both active and passive health",
+            upstream_servers.clone(),
+        );
+        registry.register(
+            "wsgate_reloads",
+            "Config reloads (SIGHUP), by result",
+            reloads.clone(),
+        );
+        registry.register(
+            "wsgate_build_info",
+            "Always 1; the running wsgate's version as a label",
+            build_info.clone(),
+        );
+        registry.register(
+            "wsgate_tls_handshake_failures",
+            "TLS handshakes that failed or timed out (a client that does not trust the certificate, a scanner), by listener",
+            tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "wsgate_upstream_refusals",
+            "Upgrades the backend answered with something other than 101, by that status",
+            upstream_refusals.clone(),
+        );
+        build_info
+            .get_or_create(&VersionLabel {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        // Both results exist from the start, so a rate() over them works
+        // before the first reload.
+        for result in ["ok", "failed"] {
+            let _ = reloads.get_or_create(&ResultLabel { result });
+        }
         Arc::new(Metrics {
             registry,
             handshakes,
@@ -170,10 +240,66 @@ impl Metrics {
             handshake_duration,
             http_requests,
             origin_reports,
+            upstream_servers,
+            known_servers: Default::default(),
+            reloads,
+            tls_handshake_failures,
+            upstream_refusals,
         })
     }
 
-    /// Prometheus text exposition format.
+    pub fn reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.reloads.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    pub fn tls_handshake_failed(&self, listener: String) {
+        self.tls_handshake_failures
+            .get_or_create(&ListenerLabel { listener })
+            .inc();
+    }
+
+    /// The `up`/`down` pair of one upstream server.
+    pub fn upstream_server(&self, upstream: &str, server: &str) -> ServerGauge {
+        if let Ok(mut known) = self.known_servers.lock() {
+            known.insert((upstream.to_owned(), server.to_owned()));
+        }
+        let gauge = |state| {
+            self.upstream_servers
+                .get_or_create(&ServerStateLabels {
+                    upstream: upstream.to_owned(),
+                    server: server.to_owned(),
+                    state,
+                })
+                .clone()
+        };
+        ServerGauge {
+            up: gauge("up"),
+            down: gauge("down"),
+        }
+    }
+
+    /// Drops the server series `keep` rejects (servers a reload removed).
+    pub fn retain_upstream_servers(&self, keep: impl Fn(&str, &str) -> bool) {
+        let Ok(mut known) = self.known_servers.lock() else {
+            return;
+        };
+        known.retain(|(upstream, server)| {
+            if keep(upstream, server) {
+                return true;
+            }
+            for state in ["up", "down"] {
+                self.upstream_servers.remove(&ServerStateLabels {
+                    upstream: upstream.clone(),
+                    server: server.clone(),
+                    state,
+                });
+            }
+            false
+        });
+    }
+
+    /// OpenMetrics text, ending in `# EOF`.
     pub fn encode(&self) -> String {
         let mut text = String::new();
         if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
@@ -221,6 +347,20 @@ impl Metrics {
     }
 }
 
+/// One upstream server's state series: 1 on the current state, 0 on the other.
+#[derive(Clone)]
+pub struct ServerGauge {
+    up: Gauge,
+    down: Gauge,
+}
+
+impl ServerGauge {
+    pub fn set(&self, up: bool) {
+        self.up.set(i64::from(up));
+        self.down.set(i64::from(!up));
+    }
+}
+
 /// The series of one route, ready to bump.
 #[derive(Clone)]
 pub struct RouteMetrics {
@@ -252,6 +392,17 @@ impl RouteMetrics {
             .get_or_create(&ReasonLabels {
                 route: self.name.clone(),
                 reason,
+            })
+            .inc();
+    }
+
+    /// The backend answered an upgrade with `status`, not 101.
+    pub fn upstream_refusal(&self, status: u16) {
+        self.family
+            .upstream_refusals
+            .get_or_create(&StatusLabels {
+                route: self.name.clone(),
+                status,
             })
             .inc();
     }

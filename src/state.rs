@@ -48,6 +48,10 @@ pub struct State {
     pub listener_tls: Vec<Option<TlsAcceptor>>,
     /// Per listener, in config order: connections start with a PROXY header.
     pub listener_proxy_protocol: Vec<bool>,
+    /// Per listener, in config order: its address as configured, the
+    /// `listener` label of its metrics.
+    pub listener_labels: Vec<String>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl State {
@@ -67,9 +71,11 @@ impl State {
             .collect::<Result<Vec<_>, BuildError>>()?;
         let mut pools = std::collections::HashMap::new();
         for (name, upstream) in &config.upstreams {
-            let pool = Upstream::new(upstream.clone()).map_err(|source| BuildError::Upstream {
-                name: name.clone(),
-                source,
+            let pool = Upstream::new(upstream.clone(), metrics).map_err(|source| {
+                BuildError::Upstream {
+                    name: name.clone(),
+                    source,
+                }
             })?;
             pools.insert(name.clone(), pool);
         }
@@ -90,6 +96,14 @@ impl State {
                 })
             })
             .collect::<Result<Vec<_>, BuildError>>()?;
+        // The last step that can fail is behind us: this config is the one
+        // that will serve, and servers it no longer lists lose their series.
+        metrics.retain_upstream_servers(|upstream, server| {
+            config
+                .upstreams
+                .get(upstream)
+                .is_some_and(|config| config.servers.iter().any(|listed| listed == server))
+        });
         Ok(State {
             server: config.server.clone(),
             routes,
@@ -100,6 +114,12 @@ impl State {
                 .iter()
                 .map(|listener| listener.proxy_protocol)
                 .collect(),
+            listener_labels: config
+                .listeners
+                .iter()
+                .map(|listener| listener.addr.to_string())
+                .collect(),
+            metrics: metrics.clone(),
         })
     }
 }

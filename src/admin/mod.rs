@@ -1,6 +1,10 @@
-//! The admin listener: `GET /metrics` (Prometheus text), `/healthz` (the
-//! process is up) and `/readyz` (it accepts traffic; 503 once draining, so a
-//! load balancer stops sending new clients first).
+//! The admin listener: `GET /metrics` (Prometheus text, or OpenMetrics on
+//! request), `/healthz` (the process is up) and `/readyz` (it accepts
+//! traffic; 503 once draining, so a load balancer stops sending new clients
+//! first).
+
+mod exposition;
+mod process;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -46,17 +50,42 @@ pub async fn serve(
     }
 }
 
+/// wsgate's families, then the process metrics, as one OpenMetrics text.
+fn metrics_text(metrics: &Metrics) -> String {
+    let mut text = metrics.encode();
+    if let Some(body) = text.strip_suffix("# EOF\n") {
+        text.truncate(body.len());
+    }
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(process::ProcessCollector::new()));
+    if prometheus_client::encoding::text::encode(&mut text, &registry).is_err() {
+        text.push_str("# EOF\n");
+    }
+    text
+}
+
 async fn answer(
     request: Request<Incoming>,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
-        (&Method::GET, "/metrics") => (
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.encode(),
-        ),
+        (&Method::GET, "/metrics") => {
+            let accept = request
+                .headers()
+                .get(http::header::ACCEPT)
+                .and_then(|value| value.to_str().ok());
+            let openmetrics = metrics_text(&metrics);
+            if exposition::wants_openmetrics(accept) {
+                (StatusCode::OK, exposition::OPENMETRICS, openmetrics)
+            } else {
+                (
+                    StatusCode::OK,
+                    exposition::PROMETHEUS_TEXT,
+                    exposition::to_prometheus_text(&openmetrics),
+                )
+            }
+        }
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
         (&Method::GET, "/readyz") if ready.load(Ordering::Acquire) => {
             (StatusCode::OK, "text/plain", "ready\n".to_owned())

@@ -99,6 +99,24 @@ impl Problems {
         }
     }
 
+    /// A duration that would cut every connection at zero: `"0s"` is an error.
+    pub fn nonzero_duration(
+        &mut self,
+        key: &str,
+        text: Option<&str>,
+        default: Duration,
+    ) -> Duration {
+        let value = self.duration(key, text, default);
+        if value.is_zero() {
+            self.add(
+                key,
+                "0s would cut every connection at once; leave the key out for the default",
+            );
+            return default;
+        }
+        value
+    }
+
     pub fn cidrs(&mut self, key: &str, list: &[String]) -> Vec<IpNet> {
         let mut nets = Vec::with_capacity(list.len());
         for (index, text) in list.iter().enumerate() {
@@ -334,6 +352,30 @@ impl Config {
         })
     }
 
+    /// What is valid but almost certainly not meant: printed by `check`
+    /// (which still exits 0) and logged at start.
+    pub fn warnings(&self) -> Vec<Problem> {
+        self.routes
+            .iter()
+            .enumerate()
+            .filter(|(_, route)| {
+                let policy = &route.policy;
+                policy.websocket != WebSocketMode::Forbidden
+                    && policy.origins.is_empty()
+                    && policy.missing_origin == MissingOrigin::Reject
+                    && policy.origin_mode == OriginMode::Enforce
+            })
+            .map(|(index, route)| Problem {
+                key: format!("route[{index}]"),
+                line: None,
+                message: format!(
+                    "route {:?} can never upgrade: it allows no origin and refuses a missing one; add `origins`, set missing_origin = \"allow\" for non-browser clients, or websocket = \"forbidden\"",
+                    route.name
+                ),
+            })
+            .collect()
+    }
+
     /// Parses and validates config text; `base` is the folder relative paths start from.
     pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
         let (raw, unknown_keys) = parse_raw(text)?;
@@ -361,17 +403,52 @@ fn parse_raw(text: &str) -> Result<(raw::RawConfig, Vec<Problem>), Vec<Problem>>
     .map_err(|error| {
         let key = error.path().to_string();
         let key = if key == "." { String::new() } else { key };
-        vec![toml_problem(text, key, error.inner())]
+        let missing = missing_field(&error.inner().to_string());
+        // A misspelt required key shows twice: as unknown, and as the
+        // required one missing. The unknown key is the one to report.
+        let misspelt = missing.as_deref().and_then(|field| {
+            unknown.iter().position(|steps| {
+                let parent = keys::display(&steps[..steps.len().saturating_sub(1)]);
+                let name = match steps.last() {
+                    Some(keys::Step::Key(name)) => name.as_str(),
+                    _ => "",
+                };
+                (parent == key || key.is_empty()) && strsim::damerau_levenshtein(name, field) <= 2
+            })
+        });
+        let mut problems = unknown_problems(text, &unknown, missing.as_deref(), misspelt);
+        if misspelt.is_none() {
+            problems.push(toml_problem(text, key, error.inner()));
+        }
+        problems
     })?;
-    let problems = unknown
+    Ok((raw, unknown_problems(text, &unknown, None, None)))
+}
+
+fn unknown_problems(
+    text: &str,
+    unknown: &[Vec<keys::Step>],
+    missing: Option<&str>,
+    misspelt: Option<usize>,
+) -> Vec<Problem> {
+    unknown
         .iter()
-        .map(|steps| Problem {
+        .enumerate()
+        .map(|(index, steps)| Problem {
             key: keys::display(steps),
             line: keys::line_of(text, steps),
-            message: "unknown key (a typo?); see proxy.toml or the README for the keys this section takes".to_owned(),
+            message: match (misspelt == Some(index), missing) {
+                (true, Some(field)) => format!("unknown key; did you mean `{field}`? (`{field}` is required here)"),
+                _ => "unknown key (a typo?); see proxy.toml or the README for the keys this section takes".to_owned(),
+            },
         })
-        .collect();
-    Ok((raw, problems))
+        .collect()
+}
+
+/// The field of serde's "missing field `name`" error.
+fn missing_field(message: &str) -> Option<String> {
+    let rest = message.split("missing field `").nth(1)?;
+    Some(rest.split('`').next()?.to_owned())
 }
 
 fn toml_problem(text: &str, key: String, error: &toml::de::Error) -> Problem {
@@ -543,7 +620,7 @@ fn validate_server(raw: &raw::RawServer, problems: &mut Problems) -> ServerConfi
             100_000,
             1,
         ),
-        header_timeout: problems.duration(
+        header_timeout: problems.nonzero_duration(
             "server.header_timeout",
             raw.header_timeout.as_deref(),
             Duration::from_secs(10),
@@ -658,7 +735,7 @@ fn validate_upstream(
         raw.fail_timeout.as_deref(),
         Duration::from_secs(10),
     );
-    let connect_timeout = problems.duration(
+    let connect_timeout = problems.nonzero_duration(
         &format!("{key}.connect_timeout"),
         raw.connect_timeout.as_deref(),
         Duration::from_secs(3),
@@ -847,7 +924,7 @@ fn validate_route(
             }
         }
     }
-    let idle_timeout = problems.duration(
+    let idle_timeout = problems.nonzero_duration(
         &format!("{key}.idle_timeout"),
         raw.idle_timeout.as_deref(),
         DEFAULT_IDLE_TIMEOUT,
@@ -925,7 +1002,7 @@ fn validate_route(
             None
         }
     };
-    let handshake_timeout = problems.duration(
+    let handshake_timeout = problems.nonzero_duration(
         &format!("{key}.handshake_timeout"),
         raw.handshake_timeout.as_deref(),
         Duration::from_secs(10),

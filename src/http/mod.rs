@@ -4,6 +4,7 @@
 //! that follows other requests on a keep-alive connection is admitted the
 //! same way and answered by [`crate::ws::upgrade::through_hyper`].
 
+mod access;
 mod forward;
 
 use std::convert::Infallible;
@@ -74,6 +75,7 @@ async fn handle(
     let upgrade =
         request.version() == Version::HTTP_11 && headers::is_websocket_upgrade(request.headers());
     let (parts, body) = request.into_parts();
+    let method = parts.method.clone();
     let origin = parts.headers.get(ORIGIN).cloned();
     let mut facts = RequestFacts::new(&parts.uri, origin, &conn, upgrade);
     let response = match handle_inner(parts, body, &conn, &mut facts, started).await {
@@ -83,12 +85,20 @@ async fn handle(
             rejection.into_response().map(body::full)
         }
     };
-    if !upgrade {
-        facts
-            .metrics(&conn.state)
-            .http_status(response.status().as_u16());
+    if upgrade {
+        return Ok(response);
     }
-    Ok(response)
+    let status = response.status().as_u16();
+    facts.metrics(&conn.state).http_status(status);
+    let line = access::AccessLine {
+        route: facts.route_name(&conn.state).to_owned(),
+        client_ip: facts.client_ip,
+        method,
+        path: facts.logged_path(),
+        status,
+        started,
+    };
+    Ok(response.map(|body| access::logged(body, line)))
 }
 
 async fn handle_inner(
@@ -109,7 +119,8 @@ async fn handle_inner(
         let slot = facts.slot.take();
         ws::upgrade::through_hyper(parts, conn, route, facts.client_ip, slot, started).await
     } else {
-        forward::forward_plain(parts, body, &conn.state.routes[route]).await
+        let route = &conn.state.routes[route];
+        forward::forward_plain(parts, body, route, facts.client_ip, conn.tls).await
     }
 }
 

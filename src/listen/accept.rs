@@ -144,7 +144,8 @@ impl ConnectionTask {
         let io = match acceptor {
             None => ClientConn::Plain(self.tcp),
             Some(acceptor) => {
-                let tls = tls_handshake(&acceptor, self.tcp, peer, &self.state).await?;
+                let listener = self.listener_index;
+                let tls = tls_handshake(&acceptor, self.tcp, peer, listener, &self.state).await?;
                 ClientConn::Tls(Box::new(tls))
             }
         };
@@ -193,8 +194,14 @@ impl ConnectionTask {
         match acceptor {
             None => wire::write_final_response(&mut self.tcp, &rejection.into_response()).await,
             Some(acceptor) if self.over_limit_by <= TLS_REFUSALS_BEYOND_LIMIT => {
-                if let Some(mut tls) =
-                    tls_handshake(&acceptor, self.tcp, self.peer, &self.state).await
+                if let Some(mut tls) = tls_handshake(
+                    &acceptor,
+                    self.tcp,
+                    self.peer,
+                    self.listener_index,
+                    &self.state,
+                )
+                .await
                 {
                     wire::write_final_response(&mut tls, &rejection.into_response()).await;
                 }
@@ -215,9 +222,19 @@ async fn tls_handshake(
     acceptor: &TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
+    listener: usize,
     state: &State,
 ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
     let handshake_timeout = state.server.tls_handshake_timeout;
+    let label = || {
+        state
+            .listener_labels
+            .get(listener)
+            .cloned()
+            .unwrap_or_default()
+    };
+    // Logged at info, as nginx does: a browser that does not trust the
+    // certificate fails here and nowhere else.
     match Box::pin(tokio::time::timeout(
         handshake_timeout,
         acceptor.accept(tcp),
@@ -226,11 +243,13 @@ async fn tls_handshake(
     {
         Ok(Ok(tls)) => Some(tls),
         Ok(Err(error)) => {
-            tracing::debug!(%peer, %error, "TLS handshake failed");
+            tracing::info!(%peer, listener = %label(), %error, "TLS handshake failed");
+            state.metrics.tls_handshake_failed(label());
             None
         }
         Err(_) => {
-            tracing::debug!(%peer, ?handshake_timeout, "TLS handshake timed out");
+            tracing::info!(%peer, listener = %label(), ?handshake_timeout, "TLS handshake timed out");
+            state.metrics.tls_handshake_failed(label());
             None
         }
     }

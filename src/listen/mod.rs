@@ -79,6 +79,21 @@ impl Reloader {
         tracing::info!(listeners = ?self.listener_addrs, "configuration reloaded");
         Ok(())
     }
+
+    /// Reads the config at `path` and applies it (SIGHUP), counting the
+    /// result in `wsgate_reloads_total`. Every problem is in the error, on
+    /// one line.
+    pub fn reload_from(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        let outcome = Config::load(path)
+            .map_err(|errors| {
+                let problems: Vec<String> =
+                    errors.problems.iter().map(ToString::to_string).collect();
+                anyhow::anyhow!(problems.join("; "))
+            })
+            .and_then(|config| Ok(self.apply(&config)?));
+        self.metrics.reload(outcome.is_ok());
+        outcome
+    }
 }
 
 /// A bound, not yet serving proxy. Binding first lets callers (and tests)

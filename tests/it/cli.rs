@@ -176,3 +176,96 @@ ping_interval = "0s"
     assert!(problem_line(out, "route[0].max_message_bytes").contains("0 is not"));
     assert!(problem_line(out, "route[1].ping_interval").contains("longer than 0s"));
 }
+
+#[tokio::test]
+async fn check_warns_of_a_route_that_can_never_upgrade_and_still_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        &dir,
+        "proxy.toml",
+        r#"
+[[listener]]
+addr = "127.0.0.1:0"
+[upstream.chat]
+servers = ["127.0.0.1:9000"]
+[[route]]
+name = "chat"
+path = "/ws"
+upstream = "chat"
+"#,
+    );
+    let outcome = check(&config).await;
+    assert_eq!(outcome.code, Some(0), "{}", outcome.stdout);
+    let warning = outcome
+        .stdout
+        .lines()
+        .find(|line| line.starts_with("warning: route[0]:"))
+        .unwrap_or_else(|| panic!("no warning:\n{}", outcome.stdout));
+    assert!(warning.contains("can never upgrade"), "{warning}");
+    assert!(outcome.stdout.trim_end().ends_with("config ok"));
+}
+
+#[tokio::test]
+async fn check_refuses_durations_that_would_cut_every_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        &dir,
+        "proxy.toml",
+        r#"
+[[listener]]
+addr = "127.0.0.1:0"
+[server]
+header_timeout = "0s"
+[upstream.chat]
+servers = ["127.0.0.1:9000"]
+connect_timeout = "0ms"
+[[route]]
+path = "/ws"
+upstream = "chat"
+missing_origin = "allow"
+idle_timeout = "0s"
+handshake_timeout = "0s"
+"#,
+    );
+    let outcome = check(&config).await;
+    assert_eq!(outcome.code, Some(1), "{}", outcome.stdout);
+    for key in [
+        "server.header_timeout",
+        "upstream.chat.connect_timeout",
+        "route[0].idle_timeout",
+        "route[0].handshake_timeout",
+    ] {
+        assert!(
+            problem_line(&outcome.stdout, key).contains("would cut every connection"),
+            "{key}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_misspelt_required_key_is_named_as_the_typo_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        &dir,
+        "proxy.toml",
+        r#"
+[[listener]]
+addr = "127.0.0.1:0"
+[upstream.chat]
+servers = ["127.0.0.1:9000"]
+[[route]]
+path = "/ws"
+upstrem = "chat"
+"#,
+    );
+    let outcome = check(&config).await;
+    assert_eq!(outcome.code, Some(1), "{}", outcome.stdout);
+    let line = problem_line(&outcome.stdout, "route[0].upstrem");
+    assert!(line.contains("did you mean `upstream`?"), "{line}");
+    assert!(line.contains("line 8"), "{line}");
+    assert!(
+        !outcome.stdout.contains("missing field"),
+        "{}",
+        outcome.stdout
+    );
+}

@@ -664,3 +664,42 @@ async fn backend_101_to_something_else_is_502_upstream_protocol() {
     assert_rejected(&head, &body, 502, "upstream-protocol");
     proxy.stop().await;
 }
+
+/// A malformed request is a 400 with a reason, never a bare 400: two Host
+/// headers (RFC 9112 §3.2), on the upgrade path and on plain HTTP.
+#[tokio::test]
+async fn two_host_headers_get_400_bad_request_with_a_reason() {
+    let backend = spawn_ws_echo().await;
+    let proxy = start_proxy(&format!(
+        r#"
+        [[listener]]
+        addr = "127.0.0.1:0"
+        [admin]
+        addr = "127.0.0.1:0"
+        [upstream.echo]
+        servers = ["{}"]
+        [[route]]
+        path = "/"
+        upstream = "echo"
+        missing_origin = "allow"
+        "#,
+        backend.addr
+    ))
+    .await;
+    let upgrade = upgrade_request("/", "a.test", &[("Host", "b.test")]);
+    let (head, body, _) = exchange(proxy.addr(), &upgrade).await;
+    assert_rejected(&head, &body, 400, "bad-request");
+    let plain = "GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\nConnection: close\r\n\r\n";
+    let (head, body, _) = exchange(proxy.addr(), plain).await;
+    assert_rejected(&head, &body, 400, "bad-request");
+    assert_eq!(
+        admin_metric(
+            proxy.admin.unwrap(),
+            "wsgate_rejections_total",
+            &[("route", "-"), ("reason", "bad-request")]
+        )
+        .await,
+        2.0
+    );
+    proxy.stop().await;
+}
