@@ -378,7 +378,40 @@ impl Config {
 
     /// Parses and validates config text; `base` is the folder relative paths start from.
     pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
-        let (raw, unknown_keys) = parse_raw(text)?;
+        Config::parse_around_syntax_errors(text, base, 0)
+    }
+
+    /// One syntax error must not hide the file's other problems: the line
+    /// it is on is blanked (so line numbers stay) and the rest parsed and
+    /// validated again, for a few errors at most. A required key that the
+    /// blanked line held would be reported missing; that is the syntax
+    /// error's doing, so such reports are left out.
+    fn parse_around_syntax_errors(
+        text: &str,
+        base: &Path,
+        depth: usize,
+    ) -> Result<Config, Vec<Problem>> {
+        const MAX_SYNTAX_ERRORS: usize = 8;
+        let (raw, unknown_keys) = match parse_raw(text) {
+            Ok(parsed) => parsed,
+            Err(Unparsed::Syntax(problem)) => {
+                let mut problems = vec![problem.clone()];
+                if let Some(line) = problem.line.filter(|_| depth + 1 < MAX_SYNTAX_ERRORS) {
+                    let rest = blank_line(text, line);
+                    if let Err(more) = Config::parse_around_syntax_errors(&rest, base, depth + 1) {
+                        for more in more {
+                            if !more.message.starts_with("missing field")
+                                && !problems.contains(&more)
+                            {
+                                problems.push(more);
+                            }
+                        }
+                    }
+                }
+                return Err(problems);
+            }
+            Err(Unparsed::Structure(problems)) => return Err(problems),
+        };
         let mut problems = Problems { list: unknown_keys };
         let config = validate(raw, base, &mut problems);
         if problems.list.is_empty() {
@@ -391,9 +424,26 @@ impl Config {
 
 /// Structural problems stop parsing (nothing sensible can be validated after
 /// a type error); unknown keys do not, so they are returned beside the config.
-fn parse_raw(text: &str) -> Result<(raw::RawConfig, Vec<Problem>), Vec<Problem>> {
+/// Why a file did not deserialise.
+enum Unparsed {
+    /// Not TOML at all, at one place.
+    Syntax(Problem),
+    /// TOML, but not wsgate's shape (a wrong type, a missing key).
+    Structure(Vec<Problem>),
+}
+
+/// `text` with its 1-based line `line` emptied.
+fn blank_line(text: &str, line: usize) -> String {
+    text.split('\n')
+        .enumerate()
+        .map(|(index, content)| if index + 1 == line { "" } else { content })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn parse_raw(text: &str) -> Result<(raw::RawConfig, Vec<Problem>), Unparsed> {
     let deserializer = toml::Deserializer::parse(text)
-        .map_err(|error| vec![toml_problem(text, String::new(), &error)])?;
+        .map_err(|error| Unparsed::Syntax(toml_problem(text, String::new(), &error)))?;
     let mut unknown = Vec::new();
     let mut record = |path: serde_ignored::Path<'_>| unknown.push(keys::steps(&path));
     let raw = serde_path_to_error::deserialize(serde_ignored::Deserializer::new(
@@ -420,7 +470,7 @@ fn parse_raw(text: &str) -> Result<(raw::RawConfig, Vec<Problem>), Vec<Problem>>
         if misspelt.is_none() {
             problems.push(toml_problem(text, key, error.inner()));
         }
-        problems
+        Unparsed::Structure(problems)
     })?;
     Ok((raw, unknown_problems(text, &unknown, None, None)))
 }

@@ -269,3 +269,35 @@ upstrem = "chat"
         outcome.stdout
     );
 }
+
+/// One syntax error does not hide the file's other problems.
+#[tokio::test]
+async fn a_syntax_error_is_reported_with_the_problems_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        &dir,
+        "proxy.toml",
+        r#"
+[[listener]]
+addr = "127.0.0.1:0"
+[server]
+drain_timeout = "30s
+[upstream.chat]
+servers = ["127.0.0.1:9000"]
+[[route]]
+path = "/ws"
+upstream = "chat"
+idle_timeout = "forever"
+origins = ["https://app.example.com/"]
+typo_key = 1
+"#,
+    );
+    let outcome = check(&config).await;
+    assert_eq!(outcome.code, Some(1), "{}", outcome.stdout);
+    let out = &outcome.stdout;
+    assert!(out.contains("line 5"), "the syntax error's line:\n{out}");
+    assert!(problem_line(out, "route[0].idle_timeout").contains("forever"));
+    assert!(problem_line(out, "route[0].origins[0]").contains("https://app.example.com/"));
+    assert!(problem_line(out, "route[0].typo_key").contains("unknown key"));
+    assert!(out.contains("4 problems"), "{out}");
+}
