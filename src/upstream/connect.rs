@@ -11,8 +11,9 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// Counts a connection against its server until dropped. It holds the
-/// counters, not the [`Upstream`](super::Upstream): a pooled connection that
+/// Counts one unit of load against its server until dropped: an upgrade's
+/// connection, or a plain request waiting for its response. It holds the
+/// counters, not the [`Upstream`](super::Upstream): a connection that
 /// held its upstream would keep the pool it sits in alive, and with it every
 /// generation's pools and health checks after a reload.
 pub(super) struct Lease {
@@ -86,10 +87,13 @@ pub(super) enum StreamKind {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
-/// A connection to one backend server, counted against it while open.
+/// A connection to one backend server, counted against it while it is load
+/// (an upgrade's, for the tunnel's life; a pooled plain connection is not).
 pub struct UpstreamStream {
+    /// Declared first, so it is released before the socket closes: once the
+    /// backend sees the connection end, wsgate no longer counts it.
+    pub(super) _lease: Option<Lease>,
     pub(super) io: StreamKind,
-    pub(super) _lease: Lease,
 }
 
 impl Connection for UpstreamStream {

@@ -5,13 +5,15 @@
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
+use http::HeaderValue;
+use http::header::SET_COOKIE;
 use tokio::io::AsyncWriteExt;
 
 use crate::error::Rejection;
 use crate::headers::{self, Fields};
 use crate::policy;
 use crate::state::Route;
-use crate::upstream::UpstreamStream;
+use crate::upstream::{Affinity, Connected, UpstreamStream};
 use crate::wire::{self, AnswerError, AnswerHead, SwitchHead};
 use crate::ws::refusal::{BodyDecoder, MAX_HELD_BODY, Refusal};
 
@@ -31,20 +33,29 @@ pub(crate) struct Switched {
     pub stream: UpstreamStream,
 }
 
-/// Sends the admitted request's `head` to the route's upstream and reads its
-/// answer, within `handshake_timeout` after the connect. `offered` is what
-/// the client asked for, to check the backend's choice of subprotocol
-/// against. The answer is counted here: a switch with the handshake's
-/// duration since `started`, a refusal as such.
+/// Sends the admitted request's `head` to the server of the route's
+/// upstream that `affinity` leads to and reads its answer, within
+/// `handshake_timeout` after the connect. `offered` is what the client asked
+/// for, to check the backend's choice of subprotocol against. The answer is
+/// counted here: a switch with the handshake's duration since `started`, a
+/// refusal as such; and in the server's passive health. A 101 carries the
+/// upstream's sticky cookie when the client needs one (`Secure` when it came
+/// over `tls`).
 pub(crate) async fn exchange<F: Fields + ?Sized>(
     head: &[u8],
     offered: &F,
     route: &Route,
     started: Instant,
+    affinity: &Affinity,
+    tls: bool,
 ) -> Result<Answer, Rejection> {
     let upstream = &route.upstream;
-    let (mut stream, sent) = upstream
-        .connect_sending(head)
+    let Connected {
+        mut stream,
+        sent,
+        server,
+    } = upstream
+        .connect_sending(head, affinity)
         .await
         .map_err(|error| Rejection::from(&error))?;
     let name = &upstream.config.name;
@@ -72,7 +83,17 @@ pub(crate) async fn exchange<F: Fields + ?Sized>(
         });
         tokio::time::timeout(timeout, talk).await
     };
-    let (head, early) = match answered {
+    // No answer in time, or none that is HTTP, fails the server as an
+    // answer of 500 or more does.
+    upstream.answered(
+        server,
+        match &answered {
+            Ok(Ok(Ok(_))) => true,
+            Ok(Ok(Err((response, _)))) => response.status().as_u16() < 500,
+            Err(_) | Ok(Err(_)) => false,
+        },
+    );
+    let (mut head, early) = match answered {
         Err(_) => {
             return Err(Rejection::UpstreamTimeout {
                 detail: format!("upstream {name:?} did not answer the upgrade within {timeout:?}"),
@@ -94,6 +115,7 @@ pub(crate) async fn exchange<F: Fields + ?Sized>(
         Ok(Ok(Err((mut response, decoder)))) => {
             headers::strip_hop_by_hop(response.headers_mut(), false);
             route.metrics.rejected.inc();
+            route.metrics.upstream_refusal(response.status().as_u16());
             let refusal = Refusal::new(response, decoder, stream, timeout);
             return Ok(Answer::Refused(Box::new(refusal)));
         }
@@ -104,6 +126,9 @@ pub(crate) async fn exchange<F: Fields + ?Sized>(
         });
     }
     policy::check_selected_subprotocol(&route.config.policy, offered, &head.selected_protocols)?;
+    if let Some(cookie) = upstream.sticky_cookie(affinity, server, tls) {
+        head.raw = with_field(&head.raw, SET_COOKIE.as_str(), &cookie);
+    }
     route.metrics.upgraded.inc();
     route
         .metrics
@@ -114,4 +139,49 @@ pub(crate) async fn exchange<F: Fields + ?Sized>(
         early,
         stream,
     }))
+}
+
+/// `raw` (a head up to and with its blank line) with one more field line
+/// before the blank line, which keeps its own terminator (CRLF, or a bare
+/// LF the backend used).
+fn with_field(raw: &[u8], name: &str, value: &HeaderValue) -> Bytes {
+    let blank = if raw.ends_with(b"\r\n\r\n") || raw.ends_with(b"\n\r\n") {
+        2
+    } else {
+        1
+    };
+    let (fields, end) = raw.split_at(raw.len().saturating_sub(blank));
+    let mut out = Vec::with_capacity(raw.len() + name.len() + value.len() + 4);
+    out.extend_from_slice(fields);
+    wire::push_field(&mut out, name.as_bytes(), value.as_bytes());
+    out.extend_from_slice(end);
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_field_goes_in_before_the_blank_line() {
+        let value = HeaderValue::from_static("s=1; Path=/");
+        let crlf = with_field(
+            b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\n\r\n",
+            "set-cookie",
+            &value,
+        );
+        assert_eq!(
+            &crlf[..],
+            b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nset-cookie: s=1; Path=/\r\n\r\n"
+        );
+        let bare = with_field(
+            b"HTTP/1.1 101 OK\nUpgrade: websocket\n\n",
+            "set-cookie",
+            &value,
+        );
+        assert_eq!(
+            &bare[..],
+            b"HTTP/1.1 101 OK\nUpgrade: websocket\nset-cookie: s=1; Path=/\r\n\n"
+        );
+    }
 }

@@ -86,14 +86,21 @@ pub(crate) async fn serve_direct(
     let answer = match admit::admit(&conn, candidate, &mut facts).await {
         // The backend's choice of subprotocol is checked against what the
         // client offered (and the route allows), whichever way it was admitted.
-        Ok(route) => exchange(
-            &head,
-            &request.passed_on(),
-            &conn.state.routes[route],
-            started,
-        )
-        .await
-        .map(|answer| (route, answer)),
+        Ok(index) => {
+            let route = &conn.state.routes[index];
+            // Hash key and sticky cookie as the backend will see them.
+            let affinity = route.upstream.affinity_of_head(&head, facts.client_ip);
+            exchange(
+                &head,
+                &request.passed_on(),
+                route,
+                started,
+                &affinity,
+                conn.tls,
+            )
+            .await
+            .map(|answer| (index, answer))
+        }
         Err(rejection) => Err(rejection),
     };
     let (route, switched) = match answer {
@@ -161,7 +168,18 @@ pub(crate) async fn through_hyper(
         head,
         early,
         stream,
-    } = match exchange(&encoded_head(&parts), &parts.headers, route, started).await? {
+    } = match exchange(
+        &encoded_head(&parts),
+        &parts.headers,
+        route,
+        started,
+        &route
+            .upstream
+            .affinity(&parts.headers, parts.uri.query(), client_ip),
+        conn.tls,
+    )
+    .await?
+    {
         Answer::Switched(switched) => switched,
         Answer::Refused(refusal) => return Ok(refusal.into_response()),
     };

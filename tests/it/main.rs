@@ -4,6 +4,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod balancing;
 mod cli;
 mod client_limits;
 mod forwarding;
