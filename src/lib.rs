@@ -32,8 +32,10 @@
 //! - [`router`]: host + longest path prefix → route.
 //! - `state`: one runtime generation per config; a reload swaps it, and
 //!   the old one is freed with its last connection.
-//! - `upstream`: backend pools and balancing (`mod.rs`), connects and the
-//!   upstream stream (`connect.rs`), health checks (`health.rs`).
+//! - `upstream`: choice of server (`mod.rs`), balancers (`balance.rs`),
+//!   hash key and sticky cookie (`affinity.rs`), per-server plain-HTTP pools
+//!   (`pool.rs`), connects and the upstream stream (`connect.rs`), active
+//!   and passive health (`health.rs`).
 //! - [`config`]: TOML → validated types (`raw.rs` is the serde shape,
 //!   `auth.rs` builds the auth policies); nothing else reads TOML.
 //! - [`policy`]: the checks admission calls, pure functions of a route's
@@ -46,8 +48,8 @@
 //!   moment in a drain), `body`, [`tls`],
 //!   `metrics` and `admin`.
 //!
-//! The tools in [`tools`] (`demo`, `echo`, `load`) use the library like any
-//! client; the proxy never calls them.
+//! The tools in [`tools`] (`demo`, `echo`, `load`, `probe`) use the library
+//! like any client; the proxy never calls them.
 
 pub(crate) mod admin;
 pub(crate) mod admit;

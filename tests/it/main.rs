@@ -12,6 +12,7 @@ mod handshake;
 mod limits;
 mod logging;
 mod metrics;
+mod ops_metrics;
 mod origin_attacks;
 mod origin_property;
 mod plain_http;
