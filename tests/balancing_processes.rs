@@ -7,20 +7,16 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Instant;
 
+use common::process::WsgateProcess;
 use common::*;
 
 /// A running `wsgate run`, killed (by its own pid) when dropped.
 struct Wsgate {
-    child: Child,
+    /// Killed on drop; read on, so a full pipe never blocks its logging.
+    _process: WsgateProcess,
     addr: SocketAddr,
-    /// Kept so the log keeps being read: a closed pipe would fail its writes.
-    _lines: mpsc::Receiver<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -29,53 +25,13 @@ impl Wsgate {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("proxy.toml");
         std::fs::write(&path, config).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-            .args(["run", "-c"])
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let deadline = Instant::now() + DEADLINE;
-        let addr = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("wsgate never said it was listening"));
-            let addr = line
-                .split("addr=")
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|addr| addr.parse().ok());
-            if let (true, Some(addr)) = (line.contains("listening"), addr) {
-                break addr;
-            }
-        };
+        let mut process = WsgateProcess::start(&path, &[], "info");
+        let addr = process.listening_addr();
         Wsgate {
-            child,
+            _process: process,
             addr,
-            _lines: lines,
             _dir: dir,
         }
-    }
-}
-
-impl Drop for Wsgate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

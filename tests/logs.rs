@@ -6,11 +6,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
-
+use common::process::WsgateProcess;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -22,63 +18,13 @@ const SECRETS: [&str; 4] = [
     "ticket-secret-value",
 ];
 
-struct Wsgate {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Wsgate {
-    fn start(config: &std::path::Path) -> Wsgate {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-            .args(["run", "--log-format", "json", "-c"])
-            .arg(config)
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Wsgate {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// The next line (parsed) whose message is `message`, within a deadline.
-    fn wait_for(&mut self, message: &str) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no {message:?} line; saw:\n{}", self.seen.join("\n")));
-            self.seen.push(line.clone());
-            let value: serde_json::Value = serde_json::from_str(&line)
-                .unwrap_or_else(|error| panic!("not JSON ({error}): {line}"));
-            if value["message"] == message {
-                return value;
-            }
-        }
-    }
-}
-
-impl Drop for Wsgate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The next line, parsed, whose message is `message`; every line must be JSON.
+fn wait_for(wsgate: &mut WsgateProcess, message: &str) -> serde_json::Value {
+    wsgate.wait_for(&format!("with message {message:?}"), |line| {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|error| panic!("not JSON ({error}): {line}"));
+        (value["message"] == message).then_some(value)
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,8 +57,8 @@ upstream = "web"
         ),
     )
     .unwrap();
-    let mut wsgate = Wsgate::start(&path);
-    let listening = wsgate.wait_for("listening");
+    let mut wsgate = WsgateProcess::start(&path, &["--log-format", "json"], "debug");
+    let listening = wait_for(&mut wsgate, "listening");
     let addr: std::net::SocketAddr = listening["addr"].as_str().unwrap().parse().unwrap();
     for field in ["timestamp", "level", "message"] {
         assert!(listening.get(field).is_some(), "no {field}: {listening}");
@@ -124,7 +70,7 @@ upstream = "web"
     );
     let (head, _, _) = exchange(addr, &request).await;
     assert_eq!(head.status, 200);
-    let access = wsgate.wait_for("request");
+    let access = wait_for(&mut wsgate, "request");
     assert_eq!(access["level"], "INFO");
     assert_eq!(access["route"], "web");
     assert_eq!(access["method"], "GET");
@@ -137,7 +83,7 @@ upstream = "web"
     let forbidden = format!("/ws?ticket={}", SECRETS[3]);
     let refused = ws_connect(addr, &forbidden, &[("Origin", "https://evil.example")]).await;
     assert!(refused.is_err());
-    let rejected = wsgate.wait_for("request rejected");
+    let rejected = wait_for(&mut wsgate, "request rejected");
     assert_eq!(rejected["reason"], "origin-forbidden");
     assert_eq!(rejected["origin"], "https://evil.example");
     assert_eq!(rejected["path"], "/ws?ticket=…");
@@ -152,7 +98,7 @@ upstream = "web"
     );
     ws.close(None).await.unwrap();
     drain_ws(ws).await;
-    let closed = wsgate.wait_for("tunnel closed");
+    let closed = wait_for(&mut wsgate, "tunnel closed");
     assert_eq!(closed["route"], "chat");
     assert_eq!(closed["cause"], "client");
     // tungstenite closes without a code: 1005.

@@ -5,108 +5,13 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::process::WsgateProcess;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
-
-/// A running `wsgate run` whose stderr lines are collected on a channel.
-struct Wsgate {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Wsgate {
-    fn start(config: &std::path::Path) -> Wsgate {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-            .args(["run", "-c"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Wsgate {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits (with a deadline) for a log line containing `needle`.
-    fn wait_for_line(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!(
-                    "no log line containing {needle:?}; saw:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-
-    fn listening_addr(&mut self) -> SocketAddr {
-        let line = self.wait_for_line("listening");
-        let addr = line
-            .split("addr=")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap();
-        addr.parse().unwrap()
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// Waits for the process to exit and returns its exit code.
-    fn wait_exit(&mut self) -> Option<i32> {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            assert!(Instant::now() < deadline, "wsgate did not exit in time");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Wsgate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn config_text(backend: SocketAddr, origin: &str, drain: &str, threads: usize) -> String {
     format!(
@@ -150,7 +55,7 @@ async fn sighup_reloads_a_good_config_refuses_a_bad_one_and_keeps_tunnels() {
         config_text(backend.addr, "https://old.example.com", "5s", 0),
     )
     .unwrap();
-    let mut wsgate = Wsgate::start(&path);
+    let mut wsgate = WsgateProcess::start(&path, &[], "info");
     let addr = wsgate.listening_addr();
 
     assert_eq!(handshake_status(addr, "https://old.example.com").await, 101);
@@ -207,7 +112,7 @@ async fn sigterm_sends_close_1012_and_exits_when_the_tunnels_end() {
         config_text(backend.addr, "https://app.example.com", "20s", 1),
     )
     .unwrap();
-    let mut wsgate = Wsgate::start(&path);
+    let mut wsgate = WsgateProcess::start(&path, &[], "info");
     let addr = wsgate.listening_addr();
     let (mut tunnel, _) = ws_connect(addr, "/ws", &[("Origin", "https://app.example.com")])
         .await
@@ -293,7 +198,7 @@ upstream = "app"
         )
     };
     std::fs::write(&path, config(0)).unwrap();
-    let mut wsgate = Wsgate::start(&path);
+    let mut wsgate = WsgateProcess::start(&path, &[], "info");
     let addr = wsgate.listening_addr();
     let pid = wsgate.child.id();
 
