@@ -64,7 +64,9 @@ impl State {
                 listener
                     .tls
                     .as_ref()
-                    .map(|pairs| crate::tls::server_config(pairs).map(TlsAcceptor::from))
+                    .map(|pairs| {
+                        crate::tls::server_config(pairs, listener.http2).map(TlsAcceptor::from)
+                    })
                     .transpose()
                     .map_err(|source| BuildError::ListenerTls { index, source })
             })

@@ -240,6 +240,9 @@ impl HoldForFin for tokio::net::TcpStream {
     }
 }
 
+// An HTTP/2 stream's END_STREAM is a frame of its own.
+impl HoldForFin for TokioIo<Upgraded> {}
+
 // A TLS session writes its close_notify between the bytes and the FIN anyway.
 impl<S: AsyncRead + AsyncWrite + Unpin> HoldForFin for tokio_rustls::server::TlsStream<S> {}
 impl<S: AsyncRead + AsyncWrite + Unpin> HoldForFin for tokio_rustls::client::TlsStream<S> {}

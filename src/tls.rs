@@ -202,8 +202,12 @@ fn listener_cipher_suites() -> Vec<rustls::SupportedCipherSuite> {
 }
 
 /// Builds the rustls server config for a TLS listener: TLS 1.2+, ALPN
-/// http/1.1, cipher suite chosen by our order (see [`listener_cipher_suites`]).
-pub fn server_config(pairs: &[CertPair]) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// `h2` (when `http2`) and `http/1.1`, cipher suite chosen by our order (see
+/// [`listener_cipher_suites`]).
+pub fn server_config(
+    pairs: &[CertPair],
+    http2: bool,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = CryptoProvider {
         cipher_suites: listener_cipher_suites(),
         ..provider()
@@ -238,7 +242,12 @@ pub fn server_config(pairs: &[CertPair]) -> Result<Arc<rustls::ServerConfig>, Tl
             wildcard,
             default,
         }));
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Most preferred first: a browser offering both gets h2.
+    config.alpn_protocols = if http2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
     config.ignore_client_order = true;
     Ok(Arc::new(config))
 }
@@ -322,7 +331,7 @@ mod tests {
 
     #[test]
     fn server_config_needs_a_certificate() {
-        let error = server_config(&[]).unwrap_err();
+        let error = server_config(&[], true).unwrap_err();
         assert!(matches!(error, TlsError::NoCertificates));
     }
 }

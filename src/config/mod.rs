@@ -168,6 +168,9 @@ pub struct ListenerConfig {
     /// Absent: plaintext. The first pair is the default when SNI matches none.
     pub tls: Option<Vec<CertPair>>,
     pub proxy_protocol: bool,
+    /// TLS listeners offer ALPN `h2` beside `http/1.1`; plaintext ones
+    /// speak HTTP/1.1 only either way.
+    pub http2: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -609,6 +612,7 @@ fn validate_listener(
         addr: addr?,
         tls,
         proxy_protocol: raw.proxy_protocol,
+        http2: raw.http2.unwrap_or(true),
     })
 }
 

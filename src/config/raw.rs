@@ -26,6 +26,8 @@ pub struct RawListener {
     pub tls: Option<RawTls>,
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// Absent: offered (TLS listeners only; there is no cleartext h2).
+    pub http2: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

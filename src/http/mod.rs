@@ -6,6 +6,7 @@
 
 mod access;
 mod forward;
+pub(crate) mod h2;
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -141,11 +141,13 @@ impl ConnectionTask {
             }
         }
         let peer = self.peer;
+        let mut h2 = false;
         let io = match acceptor {
             None => ClientConn::Plain(self.tcp),
             Some(acceptor) => {
                 let listener = self.listener_index;
                 let tls = tls_handshake(&acceptor, self.tcp, peer, listener, &self.state).await?;
+                h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                 ClientConn::Tls(Box::new(tls))
             }
         };
@@ -157,6 +159,17 @@ impl ConnectionTask {
             drain: self.drain,
             _slot: self.slot,
         };
+        if h2 {
+            // Boxed like hyper's HTTP/1.1 connection: only h2 clients pay
+            // for its size.
+            Box::pin(crate::http::h2::serve(
+                io,
+                Arc::new(connection),
+                self.stop_accepting,
+            ))
+            .await;
+            return None;
+        }
         serve_http(io, connection, self.stop_accepting).await
     }
 

@@ -64,7 +64,7 @@ pub enum OriginChecks {
     All,
 }
 
-const SEC_WEBSOCKET_KEY: HeaderName = HeaderName::from_static("sec-websocket-key");
+pub const SEC_WEBSOCKET_KEY: HeaderName = HeaderName::from_static("sec-websocket-key");
 const SEC_WEBSOCKET_VERSION: HeaderName = HeaderName::from_static("sec-websocket-version");
 pub use crate::headers::SEC_WEBSOCKET_PROTOCOL;
 

@@ -161,6 +161,9 @@ pub(crate) struct SwitchHead {
     pub upgrades_to_websocket: bool,
     /// Each `Sec-WebSocket-Protocol` field's value, as sent.
     pub selected_protocols: Vec<Bytes>,
+    /// Each `Sec-WebSocket-Accept` field's value: only checked when wsgate
+    /// made the key itself (an HTTP/2 WebSocket's HTTP/1.1 leg).
+    pub accepts: Vec<Bytes>,
 }
 
 impl SwitchHead {
@@ -292,18 +295,22 @@ fn parse_response_head(raw: Bytes) -> Result<Option<AnswerHead>, AnswerError> {
 fn switch_head(fields: &[httparse::Header<'_>], raw: &Bytes) -> SwitchHead {
     let mut upgrades_to_websocket = false;
     let mut selected_protocols = Vec::new();
+    let mut accepts = Vec::new();
     for field in fields {
         if field.name.eq_ignore_ascii_case("upgrade") {
             upgrades_to_websocket |= headers::split_tokens(field.value)
                 .any(|token| token.eq_ignore_ascii_case(b"websocket"));
         } else if field.name.eq_ignore_ascii_case("sec-websocket-protocol") {
             selected_protocols.push(raw.slice_ref(field.value));
+        } else if field.name.eq_ignore_ascii_case("sec-websocket-accept") {
+            accepts.push(raw.slice_ref(field.value));
         }
     }
     SwitchHead {
         raw: raw.clone(),
         upgrades_to_websocket,
         selected_protocols,
+        accepts,
     }
 }
 

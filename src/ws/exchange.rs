@@ -40,7 +40,9 @@ pub(crate) struct Switched {
 /// counted here: a switch with the handshake's duration since `started`, a
 /// refusal as such; and in the server's passive health. A 101 carries the
 /// upstream's sticky cookie when the client needs one (`Secure` when it came
-/// over `tls`).
+/// over `tls`). With `expected_accept` (the key was wsgate's own, so no client
+/// will check the answer) a 101 must carry exactly that
+/// `Sec-WebSocket-Accept`.
 pub(crate) async fn exchange<F: Fields + ?Sized>(
     head: &[u8],
     offered: &F,
@@ -48,6 +50,7 @@ pub(crate) async fn exchange<F: Fields + ?Sized>(
     started: Instant,
     affinity: &Affinity,
     tls: bool,
+    expected_accept: Option<&str>,
 ) -> Result<Answer, Rejection> {
     let upstream = &route.upstream;
     let Connected {
@@ -124,6 +127,17 @@ pub(crate) async fn exchange<F: Fields + ?Sized>(
         return Err(Rejection::UpstreamProtocol {
             detail: format!("upstream {name:?} answered 101 without Upgrade: websocket"),
         });
+    }
+    if let Some(expected) = expected_accept {
+        let accepted =
+            matches!(&head.accepts[..], [only] if only.trim_ascii() == expected.as_bytes());
+        if !accepted {
+            return Err(Rejection::UpstreamProtocol {
+                detail: format!(
+                    "upstream {name:?} answered 101 without the Sec-WebSocket-Accept for wsgate's key"
+                ),
+            });
+        }
     }
     policy::check_selected_subprotocol(&route.config.policy, offered, &head.selected_protocols)?;
     if let Some(cookie) = upstream.sticky_cookie(affinity, server, tls) {

@@ -5,6 +5,7 @@
 //! the tunnel does not use it yet (the frame-aware tunnel builds on it).
 
 pub(crate) mod exchange;
+pub(crate) mod extended_connect;
 #[allow(dead_code)]
 pub(crate) mod frame;
 pub(crate) mod refusal;

@@ -30,7 +30,7 @@ use crate::ws::tunnel;
 
 /// The upstream side of a tunnel: the connection the upgrade was sent on,
 /// with whatever the backend sent behind its 101 in front.
-type UpstreamIo = Prefixed<UpstreamStream>;
+pub(crate) type UpstreamIo = Prefixed<UpstreamStream>;
 
 /// A WebSocket the proxy has switched: what its tunnel needs, and nothing
 /// of the handshake that made it.
@@ -45,9 +45,28 @@ pub(crate) struct Tunnel {
 }
 
 /// Who is on the client's end, for the tunnel's log line.
-struct TunnelPeer {
-    client_ip: IpAddr,
-    origin: Option<HeaderValue>,
+pub(crate) struct TunnelPeer {
+    pub client_ip: IpAddr,
+    pub origin: Option<HeaderValue>,
+    pub protocol: ClientProtocol,
+}
+
+/// What the client's WebSocket runs over: its own HTTP/1.1 connection, or
+/// an RFC 8441 stream of an HTTP/2 one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ClientProtocol {
+    Http1,
+    H2,
+}
+
+impl ClientProtocol {
+    /// The `protocol` field of the tunnel-end log line, as ALPN names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientProtocol::Http1 => "http/1.1",
+            ClientProtocol::H2 => "h2",
+        }
+    }
 }
 
 impl Tunnel {
@@ -97,6 +116,7 @@ pub(crate) async fn serve_direct(
                 started,
                 &affinity,
                 conn.tls,
+                None,
             )
             .await
             .map(|answer| (index, answer))
@@ -134,12 +154,13 @@ pub(crate) async fn serve_direct(
         peer: TunnelPeer {
             client_ip: facts.client_ip,
             origin,
+            protocol: ClientProtocol::Http1,
         },
         _slot: facts.slot.take(),
     })
 }
 
-fn encoded_head(parts: &http::request::Parts) -> Vec<u8> {
+pub(crate) fn encoded_head(parts: &http::request::Parts) -> Vec<u8> {
     let mut head = Vec::new();
     wire::encode_request_head(parts, &mut head);
     head
@@ -177,6 +198,7 @@ pub(crate) async fn through_hyper(
             .upstream
             .affinity(&parts.headers, parts.uri.query(), client_ip),
         conn.tls,
+        None,
     )
     .await?
     {
@@ -186,6 +208,7 @@ pub(crate) async fn through_hyper(
     let peer = TunnelPeer {
         client_ip,
         origin: parts.headers.get(ORIGIN).cloned(),
+        protocol: ClientProtocol::Http1,
     };
     let conn = conn.clone();
     conn.tunnels.clone().spawn(async move {
@@ -209,14 +232,20 @@ pub(crate) async fn through_hyper(
         })
 }
 
-async fn run_tunnel(
-    client: &mut Prefixed<ClientConn>,
+pub(crate) async fn run_tunnel<C>(
+    client: &mut C,
     upstream: &mut UpstreamIo,
     route_index: usize,
     conn: &Connection,
     peer: &TunnelPeer,
-) {
-    let TunnelPeer { client_ip, origin } = peer;
+) where
+    C: tokio::io::AsyncRead + crate::stream::HoldForFin + Unpin,
+{
+    let TunnelPeer {
+        client_ip,
+        origin,
+        protocol,
+    } = peer;
     let route = &conn.state.routes[route_index];
     let metrics = &route.metrics;
     metrics.tunnels_active.inc();
@@ -253,6 +282,7 @@ async fn run_tunnel(
         route = %route.config.name,
         %client_ip,
         origin = %origin_for_log(origin.as_ref()),
+        protocol = protocol.as_str(),
         cause = outcome.cause.as_str(),
         close_code = code,
         close_from = from,

@@ -8,6 +8,7 @@ mod balancing;
 mod cli;
 mod client_limits;
 mod forwarding;
+mod h2;
 mod handshake;
 mod limits;
 mod logging;

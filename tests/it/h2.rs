@@ -1,0 +1,224 @@
+//! HTTP/2 to clients: ALPN, plain requests to HTTP/1.1 backends, and RFC 8441
+//! WebSockets on streams of one connection.
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::AsyncWriteExt;
+
+use crate::common::*;
+
+fn h2_config(cert: &TestCert, backend: std::net::SocketAddr) -> String {
+    format!(
+        r#"
+        [[listener]]
+        addr = "127.0.0.1:0"
+        tls = {{ certs = [ {{ cert = "{}", key = "{}" }} ] }}
+        [server]
+        drain_timeout = "1s"
+        [upstream.echo]
+        servers = ["{backend}"]
+        [[route]]
+        path = "/"
+        upstream = "echo"
+        origins = ["https://localhost"]
+        "#,
+        cert.cert_path.display(),
+        cert.key_path.display(),
+    )
+}
+
+async fn h2_client(
+    proxy: std::net::SocketAddr,
+    cert: &TestCert,
+) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
+    let mut config = tls_client_config(Some(&cert.cert_pem), &[&rustls::version::TLS13]);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = tls_connect_with(proxy, "localhost", config).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (send, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    send
+}
+
+fn extended_connect(path: &str, origin: &str, version: &str) -> Request<Empty<Bytes>> {
+    let mut request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(format!("https://localhost{path}"))
+        .header("sec-websocket-version", version)
+        .header("origin", origin)
+        .body(Empty::new())
+        .unwrap();
+    request
+        .extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    request
+}
+
+#[tokio::test]
+async fn websockets_share_one_h2_connection_and_each_echoes() {
+    let cert = test_cert(&["localhost"]);
+    let mut backend = spawn_ws_echo().await;
+    let proxy = start_proxy(&h2_config(&cert, backend.addr)).await;
+    let mut send = h2_client(proxy.addr(), &cert).await;
+
+    let mut sockets = Vec::new();
+    for index in 0..5 {
+        let response = within(
+            "the 200",
+            send.send_request(extended_connect(
+                &format!("/chat/{index}"),
+                "https://localhost",
+                "13",
+            )),
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(response.headers().get("sec-websocket-accept").is_none());
+        let upgraded = within("the upgrade", hyper::upgrade::on(response))
+            .await
+            .unwrap();
+        sockets.push(TokioIo::new(upgraded));
+        let seen = backend.next_request().await;
+        assert_eq!(seen.method, "GET");
+        assert_eq!(seen.one("origin").as_deref(), Some("https://localhost"));
+        assert_eq!(seen.one("host").as_deref(), Some("localhost"));
+        assert_eq!(seen.one("x-forwarded-proto").as_deref(), Some("https"));
+        assert_eq!(seen.one("upgrade").as_deref(), Some("websocket"));
+    }
+    // One stream's end does not disturb the others.
+    drop(sockets.remove(0));
+    for (index, socket) in sockets.iter_mut().enumerate() {
+        let text = format!("stream {index}");
+        socket
+            .write_all(&ws_frame(0x81, text.as_bytes(), Some([9, 8, 7, 6])))
+            .await
+            .unwrap();
+        let echo = read_frame(socket).await;
+        assert_eq!((echo.first, echo.payload), (0x81, text.into_bytes()));
+    }
+    // A 1 MiB message crosses the flow-control windows both ways.
+    let big: Vec<u8> = (0..1024 * 1024).map(big_body_byte).collect();
+    sockets[0]
+        .write_all(&ws_frame(0x82, &big, Some([1, 2, 3, 4])))
+        .await
+        .unwrap();
+    let echo = read_frame(&mut sockets[0]).await;
+    assert_eq!(echo.payload.len(), big.len());
+    assert!(echo.payload == big, "the 1 MiB echo differs");
+    drop(sockets);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn h2_refusals_carry_status_and_reason_without_upgrade() {
+    let cert = test_cert(&["localhost"]);
+    let backend = spawn_ws_echo().await;
+    let proxy = start_proxy(&h2_config(&cert, backend.addr)).await;
+    let mut send = h2_client(proxy.addr(), &cert).await;
+
+    let forbidden = send
+        .send_request(extended_connect("/chat", "https://evil.example", "13"))
+        .await
+        .unwrap();
+    assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
+    assert_eq!(forbidden.headers()["wsgate-reason"], "origin-forbidden");
+
+    let old = send
+        .send_request(extended_connect("/chat", "https://localhost", "8"))
+        .await
+        .unwrap();
+    assert_eq!(old.status(), StatusCode::UPGRADE_REQUIRED);
+    assert_eq!(old.headers()["wsgate-reason"], "bad-version");
+    assert!(old.headers().get("upgrade").is_none());
+
+    // The connection still serves a WebSocket after both refusals.
+    let ok = send
+        .send_request(extended_connect("/chat", "https://localhost", "13"))
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    drop(send);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_wrong_accept_from_the_backend_is_a_502_never_a_200() {
+    let cert = test_cert(&["localhost"]);
+    let (backend, _seen) = spawn_raw_ws(|mut stream, _head| async move {
+        let _ = stream
+            .write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+            )
+            .await;
+        let _ = read_until_eof(&mut stream).await;
+    })
+    .await;
+    let proxy = start_proxy(&h2_config(&cert, backend)).await;
+    let mut send = h2_client(proxy.addr(), &cert).await;
+    let response = send
+        .send_request(extended_connect("/chat", "https://localhost", "13"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(response.headers()["wsgate-reason"], "upstream-protocol");
+    drop(send);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn plain_get_over_h2_reaches_the_http11_backend_with_host_from_authority() {
+    let cert = test_cert(&["localhost"]);
+    let (backend, mut seen) = spawn_raw_ws(|mut stream, _head| async move {
+        let _ = stream
+            .write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\nhello",
+            )
+            .await;
+        let _ = read_until_eof(&mut stream).await;
+    })
+    .await;
+    let proxy = start_proxy(&h2_config(&cert, backend)).await;
+    let mut send = h2_client(proxy.addr(), &cert).await;
+    let request = Request::builder()
+        .uri("https://localhost/page?x=1")
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .body(Empty::new())
+        .unwrap();
+    let response = send.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers().get("connection").is_none());
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"hello");
+    let raw = within("the forwarded request", seen.recv()).await.unwrap();
+    assert!(raw.starts_with("GET /page?x=1 HTTP/1.1\r\n"), "{raw:?}");
+    let head = Head::parse(&raw);
+    assert_eq!(head.get("host"), Some("localhost"));
+    assert_eq!(head.get("cookie"), Some("a=1; b=2"));
+    assert_eq!(head.get("x-forwarded-proto"), Some("https"));
+    drop(send);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn http2_false_offers_only_http11() {
+    let cert = test_cert(&["localhost"]);
+    let backend = spawn_ws_echo().await;
+    let config =
+        h2_config(&cert, backend.addr).replace("tls = {", "http2 = false\n        tls = {");
+    let proxy = start_proxy(&config).await;
+    let mut client = tls_client_config(Some(&cert.cert_pem), &[&rustls::version::TLS13]);
+    client.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tls = tls_connect_with(proxy.addr(), "localhost", client)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    drop(tls);
+    proxy.stop().await;
+}
