@@ -222,3 +222,36 @@ async fn http2_false_offers_only_http11() {
     drop(tls);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_drain_sends_close_1012_on_every_h2_stream_and_the_proxy_exits() {
+    let cert = test_cert(&["localhost"]);
+    let backend = spawn_ws_echo().await;
+    let proxy = start_proxy(&h2_config(&cert, backend.addr)).await;
+    let mut send = h2_client(proxy.addr(), &cert).await;
+    let mut sockets = Vec::new();
+    for _ in 0..3 {
+        let response = send
+            .send_request(extended_connect("/chat", "https://localhost", "13"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        sockets.push(TokioIo::new(
+            within("the upgrade", hyper::upgrade::on(response))
+                .await
+                .unwrap(),
+        ));
+    }
+    let stopped = proxy.begin_shutdown();
+    for socket in &mut sockets {
+        let close = read_frame(socket).await;
+        assert_eq!(close.first, 0x88);
+        assert!(!close.masked, "toward the client frames are unmasked");
+        assert_eq!(&close.payload[..2], &1012u16.to_be_bytes());
+        socket
+            .write_all(&ws_frame(0x88, &1012u16.to_be_bytes(), Some([5, 6, 7, 8])))
+            .await
+            .unwrap();
+    }
+    within("the proxy to exit", stopped).await.unwrap().unwrap();
+}
