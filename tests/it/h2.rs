@@ -255,3 +255,71 @@ async fn a_drain_sends_close_1012_on_every_h2_stream_and_the_proxy_exits() {
     }
     within("the proxy to exit", stopped).await.unwrap().unwrap();
 }
+
+/// One HTTP/2 frame: 9-byte header, then `payload`.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    frame.extend_from_slice(&[kind, flags]);
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+#[tokio::test]
+async fn rapid_reset_ends_the_connection_with_enhance_your_calm() {
+    use tokio::io::AsyncReadExt;
+    let cert = test_cert(&["localhost"]);
+    let backend = spawn_ws_echo().await;
+    let proxy = start_proxy(&h2_config(&cert, backend.addr)).await;
+    let mut config = tls_client_config(Some(&cert.cert_pem), &[&rustls::version::TLS13]);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let mut tls = tls_connect_with(proxy.addr(), "localhost", config)
+        .await
+        .unwrap();
+    let mut flood = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    flood.extend(h2_frame(0x4, 0, 0, &[]));
+    // HPACK: GET, https, /, then :authority localhost as a literal.
+    let mut block = vec![0x82, 0x87, 0x84, 0x41, 9];
+    block.extend_from_slice(b"localhost");
+    for index in 0..200u32 {
+        let stream = 1 + 2 * index;
+        flood.extend(h2_frame(0x1, 0x4 | 0x1, stream, &block));
+        flood.extend(h2_frame(0x3, 0, stream, &8u32.to_be_bytes()));
+    }
+    tls.write_all(&flood).await.unwrap();
+    // Read frames until the GOAWAY; its error code is the last 4 of the
+    // first 8 payload bytes.
+    let goaway = within("a GOAWAY", async {
+        let mut received = Vec::new();
+        let mut buf = [0u8; 16384];
+        loop {
+            let mut at = 0;
+            while received.len() >= at + 9 {
+                let len = u32::from_be_bytes([0, received[at], received[at + 1], received[at + 2]])
+                    as usize;
+                if received.len() < at + 9 + len {
+                    break;
+                }
+                if received[at + 3] == 0x7 {
+                    let payload = &received[at + 9..at + 9 + len];
+                    return u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
+                }
+                at += 9 + len;
+            }
+            let read = tls.read(&mut buf).await.unwrap_or(0);
+            assert!(read > 0, "the connection closed without a GOAWAY");
+            received.extend_from_slice(&buf[..read]);
+        }
+    })
+    .await;
+    assert_eq!(goaway, 0xb, "ENHANCE_YOUR_CALM");
+    // Other clients are served as before.
+    let mut send = h2_client(proxy.addr(), &cert).await;
+    let ok = send
+        .send_request(extended_connect("/chat", "https://localhost", "13"))
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    drop(send);
+    proxy.stop().await;
+}
