@@ -267,7 +267,6 @@ fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 
 #[tokio::test]
 async fn rapid_reset_ends_the_connection_with_enhance_your_calm() {
-    use tokio::io::AsyncReadExt;
     let cert = test_cert(&["localhost"]);
     let backend = spawn_ws_echo().await;
     let proxy = start_proxy(&h2_config(&cert, backend.addr)).await;
@@ -287,9 +286,23 @@ async fn rapid_reset_ends_the_connection_with_enhance_your_calm() {
         flood.extend(h2_frame(0x3, 0, stream, &8u32.to_be_bytes()));
     }
     tls.write_all(&flood).await.unwrap();
-    // Read frames until the GOAWAY; its error code is the last 4 of the
-    // first 8 payload bytes.
-    let goaway = within("a GOAWAY", async {
+    let goaway = read_goaway(&mut tls).await;
+    assert_eq!(goaway, 0xb, "ENHANCE_YOUR_CALM");
+    // Other clients are served as before.
+    let mut send = h2_client(proxy.addr(), &cert).await;
+    let ok = send
+        .send_request(extended_connect("/chat", "https://localhost", "13"))
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    drop(send);
+    proxy.stop().await;
+}
+
+/// Reads frames until a GOAWAY and returns its error code.
+async fn read_goaway<S: tokio::io::AsyncRead + Unpin>(tls: &mut S) -> u32 {
+    use tokio::io::AsyncReadExt;
+    within("a GOAWAY", async {
         let mut received = Vec::new();
         let mut buf = [0u8; 16384];
         loop {
@@ -301,6 +314,7 @@ async fn rapid_reset_ends_the_connection_with_enhance_your_calm() {
                     break;
                 }
                 if received[at + 3] == 0x7 {
+                    // Last stream id, then the error code.
                     let payload = &received[at + 9..at + 9 + len];
                     return u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
                 }
@@ -311,15 +325,30 @@ async fn rapid_reset_ends_the_connection_with_enhance_your_calm() {
             received.extend_from_slice(&buf[..read]);
         }
     })
-    .await;
-    assert_eq!(goaway, 0xb, "ENHANCE_YOUR_CALM");
-    // Other clients are served as before.
-    let mut send = h2_client(proxy.addr(), &cert).await;
-    let ok = send
-        .send_request(extended_connect("/chat", "https://localhost", "13"))
+    .await
+}
+
+#[tokio::test]
+async fn a_continuation_flood_ends_the_connection_with_enhance_your_calm() {
+    let cert = test_cert(&["localhost"]);
+    let backend = spawn_ws_echo().await;
+    let proxy = start_proxy(&h2_config(&cert, backend.addr)).await;
+    let mut config = tls_client_config(Some(&cert.cert_pem), &[&rustls::version::TLS13]);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let mut tls = tls_connect_with(proxy.addr(), "localhost", config)
         .await
         .unwrap();
-    assert_eq!(ok.status(), StatusCode::OK);
-    drop(send);
+    let mut flood = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    flood.extend(h2_frame(0x4, 0, 0, &[]));
+    // A HEADERS frame that never ends (no END_HEADERS), then CONTINUATIONs
+    // of one small `user-agent` field each: tiny frames, so only their
+    // count is abuse.
+    flood.extend(h2_frame(0x1, 0x1, 1, &[0x82, 0x87, 0x84]));
+    for _ in 0..2000 {
+        flood.extend(h2_frame(0x9, 0, 1, &[0x0f, 0x2b, 0x01, b'a']));
+    }
+    // The server may close mid-write; what it answered is what counts.
+    let _ = tls.write_all(&flood).await;
+    assert_eq!(read_goaway(&mut tls).await, 0xb, "ENHANCE_YOUR_CALM");
     proxy.stop().await;
 }
