@@ -88,7 +88,7 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
 
 /// The query without any `name=…` parameter; every other parameter is kept
 /// byte for byte and in order. `None` when nothing is left.
-pub(super) fn strip_query_param(query: &str, name: &str) -> Option<String> {
+pub(crate) fn strip_query_param(query: &str, name: &str) -> Option<String> {
     let kept: Vec<&str> = query
         .split('&')
         .filter(|pair| {
