@@ -91,8 +91,7 @@ fn reference_body(
             .iter()
             .flat_map(|value| value.as_bytes().split(|&b| b == b','))
             .map(<[u8]>::trim_ascii)
-            .filter(|token| !token.is_empty())
-            .last();
+            .rfind(|token| !token.is_empty());
         return match last {
             Some(coding) if coding.eq_ignore_ascii_case(b"chunked") => plain_chunked(rest),
             _ => Some(Ok(rest.to_vec())),
@@ -131,7 +130,7 @@ fn plain_chunked(mut rest: &[u8]) -> Option<Result<Vec<u8>, ()>> {
         let size = usize::from_str_radix(std::str::from_utf8(&rest[..digits]).ok()?, 16).ok()?;
         rest = &rest[digits + 2..];
         if size == 0 {
-            return (rest.get(..2) == Some(b"\r\n")).then(|| Ok(body));
+            return (rest.get(..2) == Some(b"\r\n")).then_some(Ok(body));
         }
         if rest.len() < size + 2 || &rest[size..size + 2] != b"\r\n" {
             return None;

@@ -31,12 +31,13 @@ fn percent_decoded(text: &str) -> String {
     let mut out = Vec::new();
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(high), Some(low)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push(high << 4 | low);
-                i += 3;
-                continue;
-            }
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(high), Some(low)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push(high << 4 | low);
+            i += 3;
+            continue;
         }
         out.push(bytes[i]);
         i += 1;
@@ -115,10 +116,11 @@ fn balancer_cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h [u8]> {
 
 fn balancer_query<'q>(query: &'q str, name: &str) -> Option<&'q [u8]> {
     for pair in query.split('&') {
-        if let Some((key, value)) = pair.split_once('=') {
-            if key == name && !value.is_empty() {
-                return Some(value.as_bytes());
-            }
+        if let Some((key, value)) = pair.split_once('=')
+            && key == name
+            && !value.is_empty()
+        {
+            return Some(value.as_bytes());
         }
     }
     None
