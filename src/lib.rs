@@ -57,6 +57,9 @@ pub(crate) mod body;
 pub mod config;
 pub(crate) mod drain;
 pub(crate) mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod headers;
 pub(crate) mod http;
 pub(crate) mod limits;

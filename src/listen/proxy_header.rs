@@ -121,6 +121,13 @@ async fn read_v1(stream: &mut TcpStream) -> Result<Option<SocketAddr>, ProxyHead
         read_exact(stream, &mut header[start..]).await?;
     }
 
+    // ppp takes a line ended by a bare LF after a space; the spec ends every
+    // v1 line with CRLF, so such a line is not a header.
+    if !header.ends_with(b"\r\n") {
+        return Err(ProxyHeaderError::V1(
+            ppp::v1::ParseError::MissingNewLine.into(),
+        ));
+    }
     let parsed = ppp::v1::Header::try_from(header.as_slice()).map_err(ProxyHeaderError::V1)?;
     // The parser stops at the first `\r`; a header with bytes after it is not one.
     if parsed.header.len() != header.len() {
@@ -305,6 +312,15 @@ mod tests {
             matches!(result, Err(ProxyHeaderError::TooLong)),
             "{result:?}"
         );
+    }
+
+    /// Found by the `proxy_header` fuzz target.
+    #[tokio::test]
+    async fn v1_line_ended_by_space_and_bare_lf_is_refused() {
+        let (result, _) = receive(with_app_bytes(b"PROXY TCP6 2::1 00::2 2 4001 \n\r\n")).await;
+        assert!(matches!(result, Err(ProxyHeaderError::V1(_))), "{result:?}");
+        let (result, _) = receive(with_app_bytes(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n")).await;
+        assert!(matches!(result, Err(ProxyHeaderError::V1(_))), "{result:?}");
     }
 
     #[tokio::test]

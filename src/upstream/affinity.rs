@@ -172,7 +172,7 @@ impl Fields for NoFields {
 /// The first non-empty value of cookie `name` (names are case-sensitive,
 /// RFC 6265 §5.4) across every `Cookie` field: `name=value` pairs separated
 /// by `;` (RFC 6265 §4.2.1), a quoted value unquoted.
-fn cookie_value<'f, F: Fields + ?Sized>(fields: &'f F, name: &str) -> Option<&'f [u8]> {
+pub(crate) fn cookie_value<'f, F: Fields + ?Sized>(fields: &'f F, name: &str) -> Option<&'f [u8]> {
     // A static, not the const: the values found borrow the name too.
     static COOKIE_FIELD: HeaderName = COOKIE;
     fields
@@ -194,7 +194,7 @@ fn cookie_value<'f, F: Fields + ?Sized>(fields: &'f F, name: &str) -> Option<&'f
 
 /// The first non-empty value of query parameter `name`, as written: the
 /// hash is of the bytes, so no decoding is needed to map alike.
-fn query_value<'q>(query: &'q str, name: &str) -> Option<&'q [u8]> {
+pub(crate) fn query_value<'q>(query: &'q str, name: &str) -> Option<&'q [u8]> {
     query
         .split('&')
         .filter_map(|pair| pair.split_once('='))

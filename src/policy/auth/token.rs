@@ -88,7 +88,7 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
 
 /// The query without any `name=…` parameter; every other parameter is kept
 /// byte for byte and in order. `None` when nothing is left.
-pub(super) fn strip_query_param(query: &str, name: &str) -> Option<String> {
+pub(crate) fn strip_query_param(query: &str, name: &str) -> Option<String> {
     let kept: Vec<&str> = query
         .split('&')
         .filter(|pair| {
@@ -109,6 +109,8 @@ fn percent_decode(text: &str) -> String {
         let escaped = (bytes[index] == b'%')
             .then(|| bytes.get(index + 1..index + 3))
             .flatten()
+            // `from_str_radix` takes a sign, so `%+a` would decode to LF.
+            .filter(|hex| hex.iter().all(u8::is_ascii_hexdigit))
             .and_then(|hex| std::str::from_utf8(hex).ok())
             .and_then(|hex| u8::from_str_radix(hex, 16).ok());
         match escaped {
@@ -128,6 +130,17 @@ fn percent_decode(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `token` fuzz target: `=.bo%+a=Fk`.
+    #[test]
+    fn escape_with_a_sign_is_kept_as_written() {
+        assert_eq!(
+            query_value("t=.bo%+a=Fk", "t").as_deref(),
+            Some(".bo%+a=Fk")
+        );
+        assert_eq!(query_value("%+at=1&%-1=2", "%+at").as_deref(), Some("1"));
+        assert_eq!(percent_decode("%2B%+f%-0"), "+%+f%-0");
+    }
 
     fn parts(uri: &str, headers: &[(&str, &str)]) -> Parts {
         let mut builder = http::Request::builder().uri(uri);
