@@ -23,7 +23,7 @@ use crate::admit::{self, Candidate, Connection, RequestFacts};
 use crate::body::{self, ProxyBody};
 use crate::error::Rejection;
 use crate::headers;
-use crate::http::h2::refusal_response;
+use crate::http::h2::{StreamGuard, refusal_response};
 use crate::policy::SEC_WEBSOCKET_KEY;
 use crate::stream::Prefixed;
 use crate::ws::exchange::{Answer, Switched, exchange};
@@ -36,17 +36,24 @@ const SEC_WEBSOCKET_ACCEPT: &str = "sec-websocket-accept";
 pub(crate) async fn serve(
     request: Request<Incoming>,
     conn: Arc<Connection>,
+    in_use: StreamGuard,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let (mut parts, _empty_body) = request.into_parts();
     let origin = parts.headers.get(ORIGIN).cloned();
     let mut facts = RequestFacts::new(&parts.uri, origin, &conn, true);
-    match switch(&mut parts, &conn, &mut facts, started).await {
+    let mut in_use = Some(in_use);
+    let response = match switch(&mut parts, &conn, &mut facts, started, &mut in_use).await {
         Ok(response) => response,
         Err(rejection) => {
             admit::report_rejection(&conn.state, &facts, &rejection);
             refusal_response(rejection)
         }
+    };
+    // A refusal's body keeps the stream in use; a tunnel took the guard.
+    match in_use {
+        Some(guard) => response.map(|body| guard.held_by(body)),
+        None => response,
     }
 }
 
@@ -55,6 +62,7 @@ async fn switch(
     conn: &Arc<Connection>,
     facts: &mut RequestFacts,
     started: Instant,
+    in_use: &mut Option<StreamGuard>,
 ) -> Result<Response<ProxyBody>, Rejection> {
     // Resolves once hyper has sent our 200 on the stream.
     let client_upgrade = parts
@@ -108,9 +116,11 @@ async fn switch(
         protocol: ClientProtocol::H2,
     };
     let slot = facts.slot.take();
+    let in_use = in_use.take();
     let conn = conn.clone();
     conn.tunnels.clone().spawn(async move {
         let _slot = slot;
+        let _in_use = in_use;
         let mut client = match client_upgrade.await {
             Ok(upgraded) => TokioIo::new(upgraded),
             Err(error) => {

@@ -29,7 +29,7 @@ fn h2_config(cert: &TestCert, backend: std::net::SocketAddr) -> String {
     )
 }
 
-async fn h2_client(
+pub(crate) async fn h2_client(
     proxy: std::net::SocketAddr,
     cert: &TestCert,
 ) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
@@ -45,7 +45,27 @@ async fn h2_client(
     send
 }
 
-fn extended_connect(path: &str, origin: &str, version: &str) -> Request<Empty<Bytes>> {
+/// Opens a WebSocket on a new stream of `send`'s connection and returns
+/// the stream's bytes once the 200 has arrived.
+pub(crate) async fn h2_websocket(
+    send: &mut hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    path: &str,
+) -> TokioIo<hyper::upgrade::Upgraded> {
+    let response = within(
+        "the 200",
+        send.send_request(extended_connect(path, "https://localhost", "13")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "{path}");
+    TokioIo::new(
+        within("the upgrade", hyper::upgrade::on(response))
+            .await
+            .unwrap(),
+    )
+}
+
+pub(crate) fn extended_connect(path: &str, origin: &str, version: &str) -> Request<Empty<Bytes>> {
     let mut request = Request::builder()
         .method(Method::CONNECT)
         .uri(format!("https://localhost{path}"))
@@ -257,7 +277,7 @@ async fn a_drain_sends_close_1012_on_every_h2_stream_and_the_proxy_exits() {
 }
 
 /// One HTTP/2 frame: 9-byte header, then `payload`.
-fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
     frame.extend_from_slice(&[kind, flags]);
     frame.extend_from_slice(&stream.to_be_bytes());
@@ -300,7 +320,7 @@ async fn rapid_reset_ends_the_connection_with_enhance_your_calm() {
 }
 
 /// Reads frames until a GOAWAY and returns its error code.
-async fn read_goaway<S: tokio::io::AsyncRead + Unpin>(tls: &mut S) -> u32 {
+pub(crate) async fn read_goaway<S: tokio::io::AsyncRead + Unpin>(tls: &mut S) -> u32 {
     use tokio::io::AsyncReadExt;
     within("a GOAWAY", async {
         let mut received = Vec::new();

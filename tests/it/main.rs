@@ -9,6 +9,8 @@ mod cli;
 mod client_limits;
 mod forwarding;
 mod h2;
+mod h2_conn;
+mod h2_tunnel;
 mod handshake;
 mod limits;
 mod logging;

@@ -14,7 +14,7 @@ use crate::common::*;
 
 /// A backend that reports every frame it receives (unmasked), echoes data
 /// frames, answers a Close with the same code and then closes.
-async fn recording_backend() -> (SocketAddr, mpsc::UnboundedReceiver<Frame>) {
+pub(crate) async fn recording_backend() -> (SocketAddr, mpsc::UnboundedReceiver<Frame>) {
     let (frames, received) = mpsc::unbounded_channel();
     let (addr, _) = spawn_raw_ws(move |mut stream, head| {
         let frames = frames.clone();
@@ -68,13 +68,13 @@ fn config(backend: SocketAddr, server: &str, route: &str) -> String {
     )
 }
 
-async fn next_frame(received: &mut mpsc::UnboundedReceiver<Frame>) -> Frame {
+pub(crate) async fn next_frame(received: &mut mpsc::UnboundedReceiver<Frame>) -> Frame {
     within("a frame at the backend", received.recv())
         .await
         .expect("the backend stopped reporting")
 }
 
-fn close_payload(code: u16, reason: &str) -> Vec<u8> {
+pub(crate) fn close_payload(code: u16, reason: &str) -> Vec<u8> {
     let mut payload = code.to_be_bytes().to_vec();
     payload.extend_from_slice(reason.as_bytes());
     payload

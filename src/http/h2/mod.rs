@@ -21,6 +21,11 @@ use crate::error::Rejection;
 use crate::stream::ClientConn;
 use crate::ws;
 
+mod activity;
+
+use activity::Activity;
+pub(crate) use activity::StreamGuard;
+
 /// Streams one connection may have open at once: WebSockets included, so
 /// well above a page's parallel requests (nginx and Chromium use 100–128).
 pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 128;
@@ -61,8 +66,12 @@ pub(crate) async fn serve(
         .max_send_buf_size(SEND_BUFFER)
         .max_pending_accept_reset_streams(PENDING_ACCEPT_RESETS)
         .max_local_error_reset_streams(LOCAL_ERROR_RESETS);
-    let for_service = connection.clone();
-    let service = service_fn(move |request| handle(request, for_service.clone()));
+    let activity = Activity::default();
+    let for_service = (connection.clone(), activity.clone());
+    let service = service_fn(move |request| {
+        let (connection, activity) = for_service.clone();
+        handle(request, connection, activity.begin())
+    });
     let serving = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(serving);
     let result = tokio::select! {
@@ -74,6 +83,18 @@ pub(crate) async fn serve(
             serving.as_mut().graceful_shutdown();
             serving.await
         }
+        () = activity.idle_for(server.header_timeout) => {
+            // As hyper closes an HTTP/1.1 keep-alive connection that sends no
+            // next head within `header_timeout`. The GOAWAY tells the client
+            // to open a new connection next time; one that reads nothing
+            // cannot hold the connection open by leaving it unsent.
+            tracing::debug!(%peer, timeout = ?server.header_timeout, "HTTP/2 connection idle; closing");
+            serving.as_mut().graceful_shutdown();
+            match tokio::time::timeout(server.header_timeout, serving).await {
+                Ok(result) => result,
+                Err(_) => Ok(()),
+            }
+        }
     };
     if let Err(error) = result {
         tracing::debug!(%peer, %error, "HTTP/2 client connection ended with an error");
@@ -83,17 +104,19 @@ pub(crate) async fn serve(
 async fn handle(
     mut request: Request<Incoming>,
     conn: Arc<Connection>,
+    in_use: StreamGuard,
 ) -> Result<Response<ProxyBody>, Infallible> {
     as_http11_fields(request.uri().clone(), request.headers_mut());
     if request.method() != Method::CONNECT {
-        return super::handle(request, conn).await;
+        let response = super::handle(request, conn).await;
+        return Ok(response?.map(|body| in_use.held_by(body)));
     }
     let websocket = request
         .extensions()
         .get::<Protocol>()
         .is_some_and(|protocol| protocol.as_str().eq_ignore_ascii_case("websocket"));
     if websocket {
-        return Ok(ws::extended_connect::serve(request, conn).await);
+        return Ok(ws::extended_connect::serve(request, conn, in_use).await);
     }
     // A plain CONNECT would make wsgate a forward proxy, and another
     // `:protocol` is nothing a WebSocket backend could serve.
