@@ -65,6 +65,24 @@ pub(crate) struct Connection {
 }
 
 /// What the log line of a request says about it.
+/// What the client's request runs over: its own HTTP/1.1 connection, or a
+/// stream of an HTTP/2 one (RFC 8441 for a WebSocket).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ClientProtocol {
+    Http1,
+    H2,
+}
+
+impl ClientProtocol {
+    /// The `protocol` field of the log lines, as ALPN names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientProtocol::Http1 => "http/1.1",
+            ClientProtocol::H2 => "h2",
+        }
+    }
+}
+
 pub(crate) struct RequestFacts {
     /// Index into the state's routes once one matched.
     route: Option<usize>,
@@ -72,6 +90,7 @@ pub(crate) struct RequestFacts {
     origin: Option<HeaderValue>,
     uri: Uri,
     pub upgrade: bool,
+    pub protocol: ClientProtocol,
     /// Counts the request (and the tunnel it becomes) against the route's
     /// `max_connections_per_ip` while held.
     pub slot: Option<OpenSlot>,
@@ -91,6 +110,7 @@ impl RequestFacts {
             origin,
             uri: uri.clone(),
             upgrade,
+            protocol: ClientProtocol::Http1,
             slot: None,
         }
     }
@@ -321,6 +341,7 @@ pub(crate) fn report_rejection(state: &State, facts: &RequestFacts, rejection: &
         client_ip = %facts.client_ip,
         origin = %facts.origin_for_log(),
         path = %redacted_path(&facts.uri),
+        protocol = facts.protocol.as_str(),
         status = rejection.status().as_u16(),
         reason = rejection.reason(),
         detail = %rejection.detail(),

@@ -204,6 +204,13 @@ async fn serve(path: &Path, config: Config) -> anyhow::Result<()> {
     for warning in config.warnings() {
         tracing::warn!(%warning, "config");
     }
+    // Before the first "listening" line: a SIGHUP or SIGTERM sent as soon as
+    // that line appears must find its handler, not the default action that
+    // ends the process. One that arrives before serving starts waits in its
+    // stream.
+    let mut hangups = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     let proxy = Proxy::bind(&config).await?;
     for addr in proxy.local_addrs() {
         tracing::info!(%addr, "listening");
@@ -212,7 +219,6 @@ async fn serve(path: &Path, config: Config) -> anyhow::Result<()> {
         tracing::info!(%addr, "admin endpoints /metrics, /healthz and /readyz up");
     }
     let reloader = proxy.reloader();
-    let mut hangups = signal(SignalKind::hangup())?;
     let config_path = path.to_path_buf();
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
@@ -222,10 +228,9 @@ async fn serve(path: &Path, config: Config) -> anyhow::Result<()> {
             }
         }
     });
-    let mut terminate = signal(SignalKind::terminate())?;
     let shutdown = async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = interrupt.recv() => {}
             _ = terminate.recv() => {}
         }
     };

@@ -87,6 +87,7 @@ upstream = "web"
     assert_eq!(rejected["reason"], "origin-forbidden");
     assert_eq!(rejected["origin"], "https://evil.example");
     assert_eq!(rejected["path"], "/ws?ticket=…");
+    assert_eq!(rejected["protocol"], "http/1.1");
 
     let (mut ws, _) = ws_connect(addr, "/ws", &[("Origin", "https://app.example.com")])
         .await

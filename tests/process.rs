@@ -98,6 +98,46 @@ async fn sighup_reloads_a_good_config_refuses_a_bad_one_and_keeps_tunnels() {
     assert_eq!(wsgate.wait_exit(), Some(0));
 }
 
+/// Signals caught by the process (`SigCgt` in /proc), as a bit mask in
+/// which signal n is bit n - 1.
+fn caught_signals(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("no SigCgt line in:\n{status}"))
+}
+
+/// A SIGHUP or SIGTERM sent the moment "listening" appears must reach its
+/// handler, not the default action that would end the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signal_handlers_are_in_place_before_the_listening_line() {
+    const SIGHUP: u64 = 1 << (1 - 1);
+    const SIGINT: u64 = 1 << (2 - 1);
+    const SIGTERM: u64 = 1 << (15 - 1);
+    let backend = spawn_ws_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wsgate.toml");
+    std::fs::write(
+        &path,
+        config_text(backend.addr, "https://app.example.com", "5s", 1),
+    )
+    .unwrap();
+    let mut wsgate = WsgateProcess::start(&path, &[], "info");
+    wsgate.listening_addr();
+    let caught = caught_signals(wsgate.child.id());
+    assert_eq!(
+        caught & (SIGHUP | SIGINT | SIGTERM),
+        SIGHUP | SIGINT | SIGTERM,
+        "caught mask {caught:x}"
+    );
+    wsgate.signal("HUP");
+    wsgate.wait_for_line("configuration reloaded");
+    wsgate.signal("TERM");
+    assert_eq!(wsgate.wait_exit(), Some(0));
+}
+
 /// SIGTERM: listeners close, the open tunnel gets Close 1012 (Service
 /// Restart: reconnect), and the process exits 0 as soon as its closing
 /// handshake has ended, not at drain_timeout.

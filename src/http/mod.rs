@@ -79,6 +79,9 @@ async fn handle(
     let method = parts.method.clone();
     let origin = parts.headers.get(ORIGIN).cloned();
     let mut facts = RequestFacts::new(&parts.uri, origin, &conn, upgrade);
+    if parts.version == Version::HTTP_2 {
+        facts.protocol = admit::ClientProtocol::H2;
+    }
     let response = match handle_inner(parts, body, &conn, &mut facts, started).await {
         Ok(response) => response,
         Err(rejection) => {

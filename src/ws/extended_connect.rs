@@ -42,6 +42,7 @@ pub(crate) async fn serve(
     let (mut parts, _empty_body) = request.into_parts();
     let origin = parts.headers.get(ORIGIN).cloned();
     let mut facts = RequestFacts::new(&parts.uri, origin, &conn, true);
+    facts.protocol = ClientProtocol::H2;
     let mut in_use = Some(in_use);
     let response = match switch(&mut parts, &conn, &mut facts, started, &mut in_use).await {
         Ok(response) => response,

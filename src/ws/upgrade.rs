@@ -51,23 +51,7 @@ pub(crate) struct TunnelPeer {
     pub protocol: ClientProtocol,
 }
 
-/// What the client's WebSocket runs over: its own HTTP/1.1 connection, or
-/// an RFC 8441 stream of an HTTP/2 one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum ClientProtocol {
-    Http1,
-    H2,
-}
-
-impl ClientProtocol {
-    /// The `protocol` field of the tunnel-end log line, as ALPN names it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ClientProtocol::Http1 => "http/1.1",
-            ClientProtocol::H2 => "h2",
-        }
-    }
-}
+pub(crate) use crate::admit::ClientProtocol;
 
 impl Tunnel {
     pub async fn run(mut self) {
