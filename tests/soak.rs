@@ -74,6 +74,17 @@ fn raise_nofile(needed: u64) {
 // Reading the wsgate process from the outside.
 // ---------------------------------------------------------------------------
 
+/// What wsgate's descriptors point at, for a failure message.
+fn fd_targets(pid: u32) -> Vec<String> {
+    let mut targets: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .map(|target| target.display().to_string())
+        .collect();
+    targets.sort();
+    targets
+}
+
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
@@ -115,8 +126,9 @@ async fn settled_fds_and_rss(pid: u32, admin: SocketAddr) -> (usize, u64) {
             Instant::now() < end,
             "fds and RSS never settled; last {last:?}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The scrape's own connection is closed by the time of the reading.
         metric_sum(admin, "process_open_fds").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let now = (open_fds(pid), rss_kib(pid));
         same = if now == last { same + 1 } else { 0 };
         last = now;
@@ -571,6 +583,12 @@ impl Response {
         assert!(
             body.contains(reason),
             "body {body:?} does not name {reason}"
+        );
+        assert!(
+            self.get("content-type")
+                .is_some_and(|value| value.starts_with("text/plain")),
+            "{:?}",
+            self.headers
         );
     }
 }
@@ -1202,6 +1220,7 @@ async fn run_mix(
         .chain((1..=kills).map(|n| (n * cycles / (kills + 1) + cycles / 20, false)))
         .collect();
     events.sort();
+    let mix_started = Instant::now();
     for (at, is_wave) in events {
         wait_until(
             "the mix to reach its next event",
@@ -1220,10 +1239,12 @@ async fn run_mix(
                 "only {while_held} cycles completed while {SLOWLORIS} slowloris heads were held"
             );
             notes.push(format!(
-                "slowloris wave: closed after {shortest:?}..{longest:?}, {while_held} cycles meanwhile"
+                "at {:?}: slowloris wave: closed after {shortest:?}..{longest:?}, {while_held} cycles meanwhile",
+                mix_started.elapsed()
             ));
         } else {
             let refused_before = stats.flaky_refused.load(Ordering::SeqCst);
+            let killed_at = Instant::now();
             let addr = {
                 let backend = flaky.lock().unwrap();
                 stats.kill_epoch.fetch_add(1, Ordering::SeqCst);
@@ -1251,8 +1272,10 @@ async fn run_mix(
             })
             .await;
             notes.push(format!(
-                "backend kill: {} refusals while down",
-                stats.flaky_refused.load(Ordering::SeqCst) - refused_before
+                "at {:?}: backend kill: {} refusals while down, back in {:?}",
+                mix_started.elapsed(),
+                stats.flaky_refused.load(Ordering::SeqCst) - refused_before,
+                killed_at.elapsed()
             ));
         }
     }
@@ -1297,6 +1320,7 @@ async fn churn_returns_fds_and_rss_to_baseline_and_loses_no_byte() {
     .await;
     until_metric_zero(admin, "wsgate_tunnels_active").await;
     let (baseline_fds, baseline_rss) = settled_fds_and_rss(pid, admin).await;
+    let baseline_targets = fd_targets(pid);
     let warmed = started.elapsed();
 
     let cycles_before = stats.cycles.load(Ordering::SeqCst);
@@ -1312,8 +1336,9 @@ async fn churn_returns_fds_and_rss_to_baseline_and_loses_no_byte() {
     let after = settled_fds_and_rss(pid, admin).await;
     assert!(
         fds_within_percent(after.0, baseline_fds, 5.0),
-        "{baseline_fds} fds open at the baseline, {} after the churn",
-        after.0
+        "{baseline_fds} fds open at the baseline, {} after the churn: {baseline_targets:?} -> {:?}",
+        after.0,
+        fd_targets(pid)
     );
     // Growth is what a leak looks like: 5 % of this baseline is about 2 MB,
     // 100 bytes per cycle of the run. Below the baseline is allowed:
