@@ -7,8 +7,10 @@
 //! `bad-version`, 404 `no-route`), garbage, CL+TE smuggling attempts on a
 //! plain route, waves of 200 slowloris heads, and kills of one backend (then
 //! brought back on the same port). Every accepted tunnel's echo is compared
-//! byte for byte; afterwards wsgate's open fds and RSS must come back to
-//! within 5 % of a baseline taken after a warm-up with the same mix.
+//! byte for byte; afterwards wsgate's open fds must come back to within 5 %
+//! (at least one descriptor) of a baseline taken after a warm-up with the
+//! same mix, and its RSS must not be above that baseline by more than 5 %
+//! (below is allowed: see the assertion for why).
 //!
 //! `idle_tunnels_survive_reloads_with_flat_memory`: 9,000 idle tunnels held
 //! across 20 SIGHUP reloads (the config rewritten each time): none closed,
