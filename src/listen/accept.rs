@@ -305,6 +305,12 @@ async fn serve_http(
         drop(first_head);
         return crate::ws::upgrade::serve_direct(io, upgrade, connection).await;
     }
+    if let Some(detail) = wire::malformed::problem(&first_head) {
+        let rejection = Rejection::BadRequest { detail };
+        admit::report_unrouted(&connection.state, peer, &rejection);
+        wire::write_final_response(&mut io, &rejection.into_response()).await;
+        return None;
+    }
     // Boxed: hyper's connection future is several KiB, and inline it would
     // enlarge the serving future of every connection, upgrades included.
     // Only hyper's service shares the connection, so only it gets an `Arc`.

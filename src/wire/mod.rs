@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::headers;
 
+pub(crate) mod malformed;
 pub(crate) mod request;
 
 /// More fields than this in one head is left to hyper (request) or refused

@@ -703,3 +703,69 @@ async fn two_host_headers_get_400_bad_request_with_a_reason() {
     );
     proxy.stop().await;
 }
+
+/// Heads whose body framing hyper would refuse with a bare 400 of its own
+/// are refused by wsgate with the reason, logged and counted, and reach no
+/// backend.
+#[tokio::test]
+async fn ambiguous_body_framing_and_noise_get_400_bad_request_with_a_reason() {
+    let mut origin = spawn_http_origin().await;
+    let proxy = start_proxy(&format!(
+        r#"
+        [[listener]]
+        addr = "127.0.0.1:0"
+        [admin]
+        addr = "127.0.0.1:0"
+        [upstream.app]
+        servers = ["{}"]
+        [[route]]
+        path = "/"
+        upstream = "app"
+        websocket = "forbidden"
+        "#,
+        origin.addr
+    ))
+    .await;
+    let cases = [
+        (
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n",
+            "two different Content-Length values",
+        ),
+        (
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+            "Transfer-Encoding does not end in chunked",
+        ),
+        (
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+            "Transfer-Encoding does not end in chunked",
+        ),
+        (
+            "POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.0 has no Transfer-Encoding",
+        ),
+        ("\x01\x02 noise\r\n\r\n", "the request head is not HTTP/1.x"),
+    ];
+    for (request, detail) in cases {
+        let (head, body, _) = exchange(proxy.addr(), request).await;
+        assert_rejected(&head, &body, 400, "bad-request");
+        assert!(body.contains(detail), "{request:?}: {body}");
+    }
+    assert_eq!(
+        admin_metric(
+            proxy.admin.unwrap(),
+            "wsgate_rejections_total",
+            &[("route", "-"), ("reason", "bad-request")]
+        )
+        .await,
+        cases.len() as f64
+    );
+    // A well-framed request after them all is the first the origin sees.
+    let (head, _, _) = exchange(
+        proxy.addr(),
+        "GET /after HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(head.status, 200);
+    assert_eq!(origin.next_request().await.uri, "/after");
+    proxy.stop().await;
+}
