@@ -18,8 +18,11 @@
 //!   else to `http`.
 //! - `http`: hyper's service (`mod.rs`) and plain requests forwarded with
 //!   the upstream's pooled client (`forward.rs`); an upgrade that follows
-//!   other requests on a keep-alive connection is handed to `ws`.
-//! - `ws`: the switch on either path (`upgrade.rs`), the exchange with the
+//!   other requests on a keep-alive connection is handed to `ws`. HTTP/2
+//!   client connections (`h2/`: hyper's server, streams as HTTP/1.1
+//!   requests, `activity.rs` for the idle close).
+//! - `ws`: the switch on either path (`upgrade.rs`), RFC 8441 streams
+//!   (`extended_connect.rs`), the exchange with the
 //!   backend (`exchange.rs`), the relay of a backend's refusal
 //!   (`refusal.rs`), the tunnel (`tunnel/`: the splice and what wsgate
 //!   does after the 101 in `mod.rs`, one direction in `pump.rs`) and the
@@ -42,7 +45,7 @@
 //!   [`policy::RoutePolicy`] and the request head; `policy/auth/` verifies
 //!   tokens and asks forward-auth services.
 //! - Beneath them all: `wire` (HTTP/1.1 heads as bytes, the upgrade request
-//!   read off the wire), [`headers`] (hop-by-hop stripping, client IP, the
+//!   read off the wire, the framing checks of a first head for hyper), [`headers`] (hop-by-hop stripping, client IP, the
 //!   forwarding headers), `error` (every refusal's status, reason and who
 //!   failed), `stream` (the connection types), `drain` (each tunnel's
 //!   moment in a drain), `body`, [`tls`],
