@@ -79,6 +79,12 @@ macro_rules! delegate_async_io {
                     $($name::$variant(io) => crate::stream::HoldForFin::poll_write_held(std::pin::Pin::new(io), cx, buf),)+
                 }
             }
+
+            fn drop_sends_fin(&self) -> bool {
+                match self {
+                    $($name::$variant(io) => crate::stream::HoldForFin::drop_sends_fin(io),)+
+                }
+            }
         }
     };
 }
@@ -202,6 +208,10 @@ impl<S: HoldForFin + Unpin> HoldForFin for Prefixed<S> {
     ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write_held(cx, buf)
     }
+
+    fn drop_sends_fin(&self) -> bool {
+        self.inner.drop_sends_fin()
+    }
 }
 
 /// A writer that can hold bytes for a FIN that follows at once, so both
@@ -215,6 +225,14 @@ pub trait HoldForFin: AsyncWrite {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         self.poll_write(cx, buf)
+    }
+
+    /// Closing this stream sends the same FIN a shutdown would, so once a
+    /// tunnel is over the shutdown's syscall can be spared. Not so for TLS
+    /// (its close_notify comes with the shutdown) or an HTTP/2 stream
+    /// (dropped, it is reset rather than ended).
+    fn drop_sends_fin(&self) -> bool {
+        false
     }
 }
 
@@ -238,6 +256,10 @@ impl HoldForFin for tokio::net::TcpStream {
             done => Poll::Ready(done),
         }
     }
+
+    fn drop_sends_fin(&self) -> bool {
+        true
+    }
 }
 
 // An HTTP/2 stream's END_STREAM is a frame of its own.
@@ -253,5 +275,9 @@ impl<T: HoldForFin + Unpin + ?Sized> HoldForFin for Box<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         Pin::new(&mut **self.get_mut()).poll_write_held(cx, buf)
+    }
+
+    fn drop_sends_fin(&self) -> bool {
+        (**self).drop_sends_fin()
     }
 }

@@ -206,21 +206,26 @@ where
     let begun = drain.begun();
     tokio::pin!(begun);
 
+    let (client_fin_on_drop, upstream_fin_on_drop) =
+        (client.drop_sends_fin(), upstream.drop_sends_fin());
     let cause = poll_fn(|cx| {
         let mut client_moved = false;
         let mut upstream_moved = false;
+        // Once Close frames have passed both ways the first FIN ends the
+        // tunnel (below), and dropping a TCP socket sends our FIN for us.
+        let closes_passed = to_upstream.frames.close.is_some() && to_client.frames.close.is_some();
         let upward = to_upstream.poll_pump(
             cx,
             Pin::new(&mut *client),
             Pin::new(&mut *upstream),
-            to_client.read_closed,
+            to_client.read_closed || (closes_passed && upstream_fin_on_drop),
             &mut client_moved,
         );
         let downward = to_client.poll_pump(
             cx,
             Pin::new(&mut *upstream),
             Pin::new(&mut *client),
-            to_upstream.read_closed,
+            to_upstream.read_closed || (closes_passed && client_fin_on_drop),
             &mut upstream_moved,
         );
         clock.resume_at = to_upstream.resume_at;

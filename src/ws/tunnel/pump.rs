@@ -350,8 +350,9 @@ impl Pump {
 
     /// Drives this direction as far as it can go; `Ready` once the reader hit
     /// EOF and the writer has been shut down. `moved` is set when any byte
-    /// was read, for the idle clock. `writer_sent_fin`: the side we write to
-    /// has finished sending.
+    /// was read, for the idle clock. `writer_sent_fin`: our FIN needs no
+    /// shutdown — the side we write to has finished sending, or the closing
+    /// handshake is over and dropping the socket sends it.
     pub fn poll_pump<R, W>(
         &mut self,
         cx: &mut Context<'_>,
