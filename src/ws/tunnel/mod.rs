@@ -36,6 +36,7 @@ use crate::config::TunnelConfig;
 use crate::drain::{Drain, Moment};
 use crate::stream::HoldForFin;
 use crate::ws::frame::Violation;
+use pump::FinDue;
 
 mod pump;
 
@@ -212,20 +213,25 @@ where
         let mut client_moved = false;
         let mut upstream_moved = false;
         // Once Close frames have passed both ways the first FIN ends the
-        // tunnel (below), and dropping a TCP socket sends our FIN for us.
-        let closes_passed = to_upstream.frames.close.is_some() && to_client.frames.close.is_some();
+        // tunnel (below), and closing a TCP socket sends our FIN for us.
         let upward = to_upstream.poll_pump(
             cx,
             Pin::new(&mut *client),
             Pin::new(&mut *upstream),
-            to_client.read_closed || (closes_passed && upstream_fin_on_drop),
+            FinDue {
+                writer_sent_fin: to_client.read_closed,
+                by_drop_after_close: to_client.frames.close.is_some() && upstream_fin_on_drop,
+            },
             &mut client_moved,
         );
         let downward = to_client.poll_pump(
             cx,
             Pin::new(&mut *upstream),
             Pin::new(&mut *client),
-            to_upstream.read_closed || (closes_passed && client_fin_on_drop),
+            FinDue {
+                writer_sent_fin: to_upstream.read_closed,
+                by_drop_after_close: to_upstream.frames.close.is_some() && client_fin_on_drop,
+            },
             &mut upstream_moved,
         );
         clock.resume_at = to_upstream.resume_at;

@@ -259,6 +259,18 @@ pub(super) struct Pump {
     pub frames: Frames,
 }
 
+/// Whether this direction's FIN still needs a shutdown of the writer.
+#[derive(Clone, Copy)]
+pub(super) struct FinDue {
+    /// The side we write to has finished sending: our FIN goes with the
+    /// socket's close.
+    pub writer_sent_fin: bool,
+    /// The other direction carried a Close and our writer is a TCP socket
+    /// whose close sends the FIN: once this direction's Close has passed
+    /// too, the closing handshake is over and no shutdown is needed.
+    pub by_drop_after_close: bool,
+}
+
 pub(super) enum PumpError {
     Read(io::Error),
     Write(io::Error),
@@ -350,15 +362,13 @@ impl Pump {
 
     /// Drives this direction as far as it can go; `Ready` once the reader hit
     /// EOF and the writer has been shut down. `moved` is set when any byte
-    /// was read, for the idle clock. `writer_sent_fin`: our FIN needs no
-    /// shutdown — the side we write to has finished sending, or the closing
-    /// handshake is over and dropping the socket sends it.
+    /// was read, for the idle clock.
     pub fn poll_pump<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         mut reader: Pin<&mut R>,
         mut writer: Pin<&mut W>,
-        writer_sent_fin: bool,
+        fin: FinDue,
         moved: &mut bool,
     ) -> Poll<Result<(), PumpError>>
     where
@@ -368,6 +378,7 @@ impl Pump {
         if self.finished {
             return Poll::Ready(Ok(()));
         }
+        let writer_sent_fin = fin.writer_sent_fin;
         for _ in 0..READS_PER_POLL {
             while self.backlog_written < self.backlog.len() {
                 match writer
@@ -426,8 +437,12 @@ impl Pump {
                 }
                 // Once both sides have sent their FIN nothing is left to pass
                 // on: dropping the socket sends ours, so a shutdown first
-                // would be a syscall per connection for nothing.
-                if !writer_sent_fin {
+                // would be a syscall per connection for nothing. So too once
+                // Close frames have passed both ways: this FIN ends the
+                // tunnel, and closing a TCP socket sends the FIN (with any
+                // bytes held for it).
+                let closes_passed = fin.by_drop_after_close && self.frames.close.is_some();
+                if !writer_sent_fin && !closes_passed {
                     ready_or_return!(writer.as_mut().poll_shutdown(cx).map_err(PumpError::Write));
                 }
                 self.finished = true;
