@@ -396,7 +396,9 @@ def nginx_conf(work: Path, tls: int, plain: int, backend: int, cert: Path, key: 
         h2_server = f"""
     upstream http_backend {{
         server {LOOPBACK}:{http_backend};
-        keepalive 32;
+        # Above h2load's 100 requests in flight, as wsgate's and HAProxy's
+        # pools are: a smaller cache closes and reopens connections each burst.
+        keepalive 256;
     }}
 
     server {{
