@@ -34,7 +34,9 @@ pub struct LoadReport {
     pub statuses: BTreeMap<u16, u64>,
     /// Why handshakes failed; sums to `handshakes.failed`.
     pub failures: Failures,
-    /// From starting the TCP connect to the 101 (TLS included); `null` when none succeeded.
+    /// From starting the TCP connect to the 101 (TLS included); over h2 from
+    /// asking for the stream to its 200 (the first stream of each connection
+    /// also waits for TCP, TLS and the server's SETTINGS); `null` when none succeeded.
     pub handshake_latency_ms: Option<Latency>,
     /// From sending a message to its echo arriving; `null` when none came back.
     pub echo_rtt_ms: Option<Latency>,
