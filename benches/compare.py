@@ -1646,7 +1646,8 @@ def main() -> int:
         shutil.copy2(opts.baseline, before)
         configs["before"] = write_wsgate_config(
             before, work / "before.toml",
-            lambda pings: wsgate_toml(p["before"]["tls"], p["before"]["plain"], backend_port, cert, key, pings), True)
+            lambda pings: wsgate_toml(p["before"]["tls"], p["before"]["plain"], backend_port, cert, key, pings,
+                                      http_backend=http_port), True)
         servers["before"] = Server("before", [str(before), "run", "-c", str(work / "before.toml")],
                                    list(p["before"].values()), PROXY_CPU, work, quiet)
 
