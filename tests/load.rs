@@ -1,7 +1,12 @@
 //! `wsgate load` against real servers on loopback: the echo backend, a
 //! server that refuses every upgrade, a closed port, a TLS front,
 //! deliberately broken WebSocket peers, and backends that talk on their own
-//! or close with a code of their choosing.
+//! or close with a code of their choosing. With `--h2`: wsgate itself
+//! (in-process, real TLS, ALPN h2) in front of the echo backend, and an
+//! HTTP/2 server that does not enable RFC 8441.
+
+#[path = "common/mod.rs"]
+mod common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -679,4 +684,349 @@ async fn no_tls_resume_makes_every_handshake_a_full_one() {
         0,
         "{report}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// --h2: WebSockets as RFC 8441 streams on shared HTTP/2 connections.
+// ---------------------------------------------------------------------------
+
+/// wsgate with a TLS listener (HTTP/2 on unless `http2` is false) in front
+/// of `backend`, allowing the origin `https://localhost`, with an admin listener.
+fn h2_proxy_config(cert: &common::TestCert, backend: SocketAddr, http2: bool) -> String {
+    format!(
+        r#"
+        [[listener]]
+        addr = "127.0.0.1:0"
+        tls = {{ certs = [ {{ cert = "{}", key = "{}" }} ] }}
+        http2 = {http2}
+        [admin]
+        addr = "127.0.0.1:0"
+        [server]
+        drain_timeout = "1s"
+        [upstream.echo]
+        servers = ["{backend}"]
+        [[route]]
+        path = "/"
+        upstream = "echo"
+        origins = ["https://localhost"]
+        "#,
+        cert.cert_path.display(),
+        cert.key_path.display(),
+    )
+}
+
+async fn h2_proxy(http2: bool) -> (common::TestProxy, SocketAddr) {
+    let cert = common::test_cert(&["localhost"]);
+    let proxy = common::start_proxy(&h2_proxy_config(&cert, spawn_echo().await, http2)).await;
+    let admin = proxy.admin.expect("admin listener");
+    // The certificate's files are read at start; the folder may go now.
+    drop(cert);
+    (proxy, admin)
+}
+
+/// A plain TCP relay to `target` that counts the connections it accepted:
+/// what the load tool says about its TCP connections is checked from outside.
+async fn spawn_counting_relay(target: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) {
+    let (listener, addr) = listen().await;
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut upstream) = TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// wsgate's own count of upgrades, with the whole exposition for a failure message.
+async fn upgraded_by_wsgate(admin: SocketAddr) -> (f64, String) {
+    let (status, text) = common::admin_get(admin, "/metrics").await;
+    assert_eq!(status, 200, "{text}");
+    let upgraded = common::metric(
+        &text,
+        "wsgate_handshakes_total",
+        &[("route", "/"), ("outcome", "upgraded")],
+    );
+    (upgraded.unwrap_or(0.0), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_echo_on_two_connections_of_five_streams_each() {
+    let (proxy, admin) = h2_proxy(true).await;
+    let url = format!("wss://localhost:{}/echo", proxy.addr().port());
+    // Hold mode sends each WebSocket's messages exactly once: exact counts.
+    let report = run(&format!(
+        "--url {url} --insecure --origin https://localhost --h2 --streams-per-connection 5 \
+         --connections 10 --mode hold --messages 7 --in-flight 2 --duration 500ms"
+    ))
+    .await;
+    assert_eq!(report.protocol, "h2", "{report}");
+    assert_eq!(report.streams_per_connection, Some(5), "{report}");
+    assert_eq!(report.tcp_connections, 2, "{report}");
+    let h = &report.handshakes;
+    assert_eq!((h.attempted, h.succeeded), (10, 10), "{report}");
+    assert_eq!((h.failed, h.unfinished), (0, 0), "{report}");
+    // RFC 8441: a 200 opens the stream where HTTP/1.1 has a 101.
+    only_status(&report, 200, 10);
+    let m = &report.messages;
+    assert_eq!((m.sent, m.received), (70, 70), "{report}");
+    assert_eq!(
+        (m.bytes_sent, m.bytes_received),
+        (70 * 128, 70 * 128),
+        "{report}"
+    );
+    assert_eq!(m.received_unsolicited, 0, "{report}");
+    assert_eq!(
+        report.echo_rtt_ms.as_ref().map(|l| l.count),
+        Some(70),
+        "{report}"
+    );
+    assert_eq!(report.errors.total(), 0, "{report}");
+    assert_eq!(report.close_codes, codes(&[(1000, 10)]), "{report}");
+    assert_eq!(report.peak_open_connections, 10, "{report}");
+    assert!(report.passed(), "{report}");
+    let (upgraded, metrics) = upgraded_by_wsgate(admin).await;
+    assert_eq!(upgraded, 10.0, "{metrics}");
+
+    let json = serde_json::to_value(&report).expect("json");
+    assert_eq!(json["protocol"], "h2");
+    assert_eq!(json["streams_per_connection"], 5);
+    assert_eq!(json["tcp_connections"], 2);
+    assert_eq!(json["statuses"]["200"], 10);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_handshakes_are_new_streams_on_the_same_connections() {
+    let (proxy, admin) = h2_proxy(true).await;
+    let (relay, accepted) = spawn_counting_relay(proxy.addr()).await;
+    let url = format!("wss://localhost:{}/", relay.port());
+    let report = run(&format!(
+        "--url {url} --insecure --origin https://localhost --h2 --streams-per-connection 4 \
+         --connections 6 --mode handshake --duration 500ms"
+    ))
+    .await;
+    let h = &report.handshakes;
+    // Six workers reconnecting for 500 ms: many more streams than workers.
+    assert!(h.succeeded > 6, "{report}");
+    assert_eq!(h.attempted, h.succeeded, "{report}");
+    assert_eq!((h.failed, h.unfinished), (0, 0), "{report}");
+    only_status(&report, 200, h.succeeded);
+    assert_eq!(
+        report.close_codes,
+        codes(&[(1000, h.succeeded)]),
+        "{report}"
+    );
+    assert!(report.passed(), "{report}");
+    // ceil(6 / 4) TLS connections carried every one of them.
+    assert_eq!(report.tcp_connections, 2, "{report}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "{report}");
+    let (upgraded, metrics) = upgraded_by_wsgate(admin).await;
+    assert_eq!(upgraded, h.succeeded as f64, "{report}\n{metrics}");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_refusal_counts_the_status() {
+    let (proxy, admin) = h2_proxy(true).await;
+    let url = format!("wss://localhost:{}/", proxy.addr().port());
+    let report = run(&format!(
+        "--url {url} --insecure --origin https://evil.example --h2 --streams-per-connection 2 \
+         --connections 4 --duration 300ms"
+    ))
+    .await;
+    let h = &report.handshakes;
+    assert_eq!((h.attempted, h.succeeded, h.failed), (4, 0, 4), "{report}");
+    assert_eq!(report.failures.http_status, 4, "{report}");
+    assert_eq!(report.failures.total(), 4, "{report}");
+    only_status(&report, 403, 4);
+    assert_eq!(report.tcp_connections, 2, "{report}");
+    assert!(report.close_codes.is_empty(), "{report}");
+    assert!(!report.passed());
+    let refused = common::admin_metric(
+        admin,
+        "wsgate_rejections_total",
+        &[("route", "/"), ("reason", "origin-forbidden")],
+    )
+    .await;
+    assert_eq!(refused, 4.0);
+    proxy.stop().await;
+}
+
+fn load_error(result: anyhow::Result<LoadReport>) -> String {
+    match result {
+        Ok(report) => panic!("the run should have been refused: {report}"),
+        Err(error) => format!("{error:#}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_against_an_http1_only_listener_fails_clearly() {
+    let (proxy, _admin) = h2_proxy(false).await;
+    let url = format!("wss://localhost:{}/", proxy.addr().port());
+    let flags = ["--url", &url, "--insecure", "--h2", "--duration", "300ms"];
+    let error = load_error(execute(&args(&flags)).await);
+    assert_eq!(
+        error,
+        "--h2: the server chose ALPN http/1.1, not h2: HTTP/2 is off on that listener \
+         (wsgate: `http2 = false`)"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_streams_beyond_the_servers_limit_fail_clearly() {
+    let (proxy, _admin) = h2_proxy(true).await;
+    let url = format!("wss://localhost:{}/", proxy.addr().port());
+    let flags = [
+        "--url",
+        &url,
+        "--insecure",
+        "--h2",
+        "--streams-per-connection",
+        "200",
+        "--duration",
+        "300ms",
+    ];
+    let error = load_error(execute(&args(&flags)).await);
+    assert_eq!(
+        error,
+        "--h2: the server allows 128 concurrent streams per connection \
+         (SETTINGS_MAX_CONCURRENT_STREAMS), fewer than --streams-per-connection 200"
+    );
+    proxy.stop().await;
+}
+
+/// An HTTP/2 server (ALPN h2) that never enables the extended CONNECT.
+async fn spawn_h2_without_connect_protocol() -> SocketAddr {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        certified.signing_key.serialize_der(),
+    ));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![certified.cert.der().clone()], key)
+        .expect("server config");
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let (listener, addr) = listen().await;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(|_request| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Empty::<Bytes>::new(),
+                    ))
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_without_the_connect_protocol_setting_fails_clearly() {
+    let addr = spawn_h2_without_connect_protocol().await;
+    let url = format!("wss://localhost:{}/", addr.port());
+    let flags = ["--url", &url, "--insecure", "--h2", "--duration", "300ms"];
+    let error = load_error(execute(&args(&flags)).await);
+    assert_eq!(
+        error,
+        "--h2: the server did not send SETTINGS_ENABLE_CONNECT_PROTOCOL = 1, so it cannot \
+         carry WebSockets over HTTP/2 (RFC 8441)"
+    );
+}
+
+#[tokio::test]
+async fn h2_flags_are_validated() {
+    let error = load_error(execute(&args(&["--url", "ws://127.0.0.1:9/", "--h2"])).await);
+    assert_eq!(
+        error,
+        "--h2 needs a wss:// URL: HTTP/2 is chosen by ALPN in the TLS handshake"
+    );
+    let without_h2 = LoadArgs::try_parse_from([
+        "x",
+        "--url",
+        "wss://localhost/",
+        "--streams-per-connection",
+        "5",
+    ]);
+    assert!(
+        without_h2.is_err(),
+        "--streams-per-connection accepted without --h2"
+    );
+    let zero = LoadArgs::try_parse_from([
+        "x",
+        "--url",
+        "wss://localhost/",
+        "--h2",
+        "--streams-per-connection",
+        "0",
+    ]);
+    assert!(zero.is_err(), "--streams-per-connection 0 accepted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_echo_and_bulk_reconnect_as_new_streams() {
+    let (proxy, _admin) = h2_proxy(true).await;
+    let url = format!("wss://localhost:{}/", proxy.addr().port());
+    let flags = format!("--url {url} --insecure --origin https://localhost --h2");
+    let report = run(&format!(
+        "{flags} --streams-per-connection 2 --connections 4 --mode echo --messages 5 --duration 500ms"
+    ))
+    .await;
+    let (h, m) = (&report.handshakes, &report.messages);
+    // Reconnecting: more WebSockets than workers, on the same two connections.
+    assert!(h.succeeded > 4, "{report}");
+    assert_eq!(
+        (h.attempted, h.failed, h.unfinished),
+        (h.succeeded, 0, 0),
+        "{report}"
+    );
+    assert_eq!(report.tcp_connections, 2, "{report}");
+    assert!(m.sent >= 20, "{report}");
+    assert_eq!(m.received, m.sent, "{report}");
+    assert_eq!(m.bytes_received, m.sent * 128, "{report}");
+    assert_eq!(report.errors.total(), 0, "{report}");
+    assert_eq!(
+        report.close_codes,
+        codes(&[(1000, h.succeeded)]),
+        "{report}"
+    );
+
+    // 1 MiB messages cross both flow-control windows of each stream.
+    let report = run(&format!(
+        "{flags} --streams-per-connection 2 --connections 2 --mode bulk --messages 3 --in-flight 2 \
+         --duration 500ms"
+    ))
+    .await;
+    let (h, m) = (&report.handshakes, &report.messages);
+    assert!(h.succeeded >= 2, "{report}");
+    assert_eq!(
+        (h.attempted, h.failed, h.unfinished),
+        (h.succeeded, 0, 0),
+        "{report}"
+    );
+    assert_eq!(report.tcp_connections, 1, "{report}");
+    assert!(m.sent >= 6, "{report}");
+    assert_eq!(m.received, m.sent, "{report}");
+    assert_eq!(m.bytes_received, m.sent * (1 << 20), "{report}");
+    assert_eq!(report.errors.total(), 0, "{report}");
+    proxy.stop().await;
 }

@@ -1,14 +1,18 @@
 //! One connection attempt as a browser would make it: TCP connect, TLS for
-//! `wss://`, then the HTTP/1.1 upgrade — each step classified on failure so the
-//! report can say *why* a handshake did not complete.
+//! `wss://`, then the HTTP/1.1 upgrade — or with `--h2` a new extended
+//! CONNECT stream on a shared HTTP/2 connection — each step classified on
+//! failure so the report can say *why* a handshake did not complete.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use http::{HeaderMap, Uri};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
@@ -21,7 +25,9 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+use super::h2::{self, SetupError};
 
 /// An upgraded WebSocket, plain or over TLS.
 pub(super) type Ws = WebSocketStream<Conn>;
@@ -37,6 +43,10 @@ pub(super) struct Target {
     ws_config: WebSocketConfig,
     /// Limit for the TCP connect, and separately for TLS plus upgrade.
     timeout: Duration,
+    /// `--h2`: the shared HTTP/2 connections the WebSockets are streams on.
+    h2: Option<h2::Pool>,
+    /// TCP connections that connected (and went on to TLS for wss://).
+    tcp_connections: AtomicU64,
 }
 
 /// Why a handshake did not end in an upgraded connection.
@@ -86,6 +96,10 @@ pub(super) async fn bounded<F: Future>(
 
 impl Target {
     /// Resolves the URL's host once, so DNS is not part of what is measured.
+    /// With `h2 = Some((connections, streams_per_connection))` it also opens
+    /// the first HTTP/2 connection, so that a server that cannot carry
+    /// WebSockets over HTTP/2 is an error up front rather than a run of failures.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn new(
         uri: Uri,
         headers: HeaderMap,
@@ -93,12 +107,16 @@ impl Target {
         resume: bool,
         ws_config: WebSocketConfig,
         timeout: Duration,
+        h2: Option<(usize, usize)>,
     ) -> anyhow::Result<Self> {
         let secure = match uri.scheme_str() {
             Some("ws") => false,
             Some("wss") => true,
             _ => bail!("--url must start with ws:// or wss://, got {uri}"),
         };
+        if h2.is_some() && !secure {
+            bail!("--h2 needs a wss:// URL: HTTP/2 is chosen by ALPN in the TLS handshake");
+        }
         let Some(host) = uri.host() else {
             bail!("--url has no host: {uri}");
         };
@@ -115,18 +133,54 @@ impl Target {
         let tls = if secure {
             let name = ServerName::try_from(host.clone())
                 .with_context(|| format!("{host} is not a valid TLS server name"))?;
-            Some((TlsConnector::from(tls_config(insecure, resume)?), name))
+            // h2 alone would make a server without it fail the TLS
+            // handshake; offering both lets the error name what it chose.
+            let alpn: &[&[u8]] = match h2 {
+                Some(_) => &[b"h2", b"http/1.1"],
+                None => &[b"http/1.1"],
+            };
+            Some((
+                TlsConnector::from(tls_config(insecure, resume, alpn)?),
+                name,
+            ))
         } else {
             None
         };
-        Ok(Self {
+        let target = Self {
             addr,
             uri,
             headers,
             tls,
             ws_config,
             timeout,
-        })
+            h2: h2.map(|(connections, per_connection)| h2::Pool::new(connections, per_connection)),
+            tcp_connections: AtomicU64::new(0),
+        };
+        if let Some(pool) = &target.h2 {
+            let hard_end = Instant::now() + timeout;
+            // The first connection stays in its slot for the run. A network
+            // failure here is left for the run to count, like any other.
+            let opened = bounded(timeout, hard_end, pool.sender(0, target.open_h2(None))).await;
+            if let Bounded::Done(Err(SetupError::Refused(why))) = opened {
+                bail!("{why}");
+            }
+        }
+        Ok(target)
+    }
+
+    /// `--h2`: the shared-connection pool.
+    pub(super) fn h2(&self) -> Option<&h2::Pool> {
+        self.h2.as_ref()
+    }
+
+    /// The status of an accepted handshake: the 101 of an HTTP/1.1 upgrade,
+    /// or the 200 that opens an RFC 8441 stream.
+    pub(super) fn success_status(&self) -> u16 {
+        if self.h2.is_some() { 200 } else { 101 }
+    }
+
+    pub(super) fn tcp_connections(&self) -> u64 {
+        self.tcp_connections.load(Relaxed)
     }
 
     pub(super) fn addr(&self) -> SocketAddr {
@@ -134,7 +188,16 @@ impl Target {
     }
 
     /// Connects (from `source` when given) and upgrades, giving up at `hard_end`.
-    pub(super) async fn connect(&self, source: Option<IpAddr>, hard_end: Instant) -> Attempt {
+    /// With `--h2`, worker `index` opens a stream on its slot's connection instead.
+    pub(super) async fn connect(
+        &self,
+        index: usize,
+        source: Option<IpAddr>,
+        hard_end: Instant,
+    ) -> Attempt {
+        if let Some(pool) = &self.h2 {
+            return self.connect_h2(pool, index, source, hard_end).await;
+        }
         let tcp = match bounded(self.timeout, hard_end, self.open_tcp(source)).await {
             Bounded::Done(Ok(tcp)) => tcp,
             Bounded::Done(Err(error)) => return Attempt::Failed(classify_io(&error)),
@@ -149,6 +212,69 @@ impl Target {
         }
     }
 
+    async fn connect_h2(
+        &self,
+        pool: &h2::Pool,
+        index: usize,
+        source: Option<IpAddr>,
+        hard_end: Instant,
+    ) -> Attempt {
+        let slot = pool.slot_of(index);
+        let opening = pool.sender(slot, self.open_h2(source));
+        let mut sender = match bounded(self.timeout, hard_end, opening).await {
+            Bounded::Done(Ok(sender)) => sender,
+            Bounded::Done(Err(SetupError::Failed(failure))) => return Attempt::Failed(failure),
+            // The preflight passed, so the server changed its mind mid-run.
+            Bounded::Done(Err(SetupError::Refused(why))) => {
+                tracing::debug!(%why, "a new HTTP/2 connection was unusable");
+                return Attempt::Failed(Failure::Protocol);
+            }
+            Bounded::TimedOut => return Attempt::Failed(Failure::Timeout),
+            Bounded::CutOff => return Attempt::CutOff,
+        };
+        let request = match h2::request(&self.uri, &self.headers) {
+            Ok(request) => request,
+            Err(failure) => return Attempt::Failed(failure),
+        };
+        let upgrading = async {
+            let stream = h2::open_stream(&mut sender, request).await?;
+            Ok::<_, Failure>(
+                WebSocketStream::from_raw_socket(
+                    Conn::H2(TokioIo::new(stream)),
+                    Role::Client,
+                    Some(self.ws_config),
+                )
+                .await,
+            )
+        };
+        match bounded(self.timeout, hard_end, upgrading).await {
+            Bounded::Done(Ok(ws)) => Attempt::Upgraded(Box::new(ws)),
+            Bounded::Done(Err(failure)) => Attempt::Failed(failure),
+            Bounded::TimedOut => Attempt::Failed(Failure::Timeout),
+            Bounded::CutOff => Attempt::CutOff,
+        }
+    }
+
+    /// A new HTTP/2 connection: TCP, TLS with ALPN h2, the server's SETTINGS.
+    async fn open_h2(&self, source: Option<IpAddr>) -> Result<h2::Sender, SetupError> {
+        let per_connection = self.h2.as_ref().map_or(1, h2::Pool::per_connection);
+        let tcp = self
+            .open_tcp(source)
+            .await
+            .map_err(|error| classify_io(&error))?;
+        let Some((connector, name)) = &self.tls else {
+            return Err(SetupError::Failed(Failure::Other));
+        };
+        let tls = connector
+            .connect(name.clone(), tcp)
+            .await
+            .map_err(|error| {
+                tracing::debug!(%error, "TLS handshake failed");
+                Failure::Tls
+            })?;
+        h2::handshake(tls, per_connection).await
+    }
+
     async fn open_tcp(&self, source: Option<IpAddr>) -> io::Result<TcpStream> {
         let socket = match self.addr {
             SocketAddr::V4(_) => TcpSocket::new_v4()?,
@@ -158,6 +284,7 @@ impl Target {
             socket.bind(SocketAddr::new(ip, 0))?;
         }
         let stream = socket.connect(self.addr).await?;
+        self.tcp_connections.fetch_add(1, Relaxed);
         stream.set_nodelay(true)?;
         Ok(stream)
     }
@@ -219,22 +346,21 @@ fn classify_ws(error: &WsError) -> Failure {
     }
 }
 
-fn tls_config(insecure: bool, resume: bool) -> anyhow::Result<Arc<ClientConfig>> {
+fn tls_config(insecure: bool, resume: bool, alpn: &[&[u8]]) -> anyhow::Result<Arc<ClientConfig>> {
     let mut config = if insecure {
         let provider = Arc::new(crate::tls::provider());
-        let mut config = ClientConfig::builder_with_provider(provider.clone())
+        ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .context("building the TLS client configuration")?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
-            .with_no_client_auth();
-        // A WebSocket upgrade only exists in HTTP/1.1; say so, as browsers do.
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        config
+            .with_no_client_auth()
     } else {
         // What the proxy itself uses towards a TLS backend.
         Arc::unwrap_or_clone(crate::tls::upstream_client_config(&[]).map_err(anyhow::Error::msg)?)
     };
+    // Without --h2 a WebSocket upgrade only exists in HTTP/1.1; say so, as browsers do.
+    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
     if !resume {
         // Every handshake a full one: what a fleet of new clients costs a server.
         config.resumption = rustls::client::Resumption::disabled();
@@ -298,6 +424,8 @@ pub(super) enum Conn {
     Plain(TcpStream),
     // Boxed: a rustls session is far larger than a TcpStream.
     Tls(Box<TlsStream<TcpStream>>),
+    /// An extended CONNECT stream; the TLS connection belongs to hyper's task.
+    H2(TokioIo<Upgraded>),
 }
 
-crate::stream::delegate_async_io!(Conn { Plain, Tls });
+crate::stream::delegate_async_io!(Conn { Plain, Tls, H2 });

@@ -9,14 +9,20 @@
 //! an error, not as speed — while a backend's own messages (a greeting,
 //! broadcasts) and echoes out of order are normal and merely counted.
 //!
+//! With `--h2` every connection is a WebSocket over HTTP/2 (RFC 8441): a
+//! stream on one of ceil(connections / streams-per-connection) shared TLS
+//! connections, with the same modes and the same report.
+//!
 //! Layout: this file parses flags and runs the workers; `client` connects,
-//! speaks TLS and upgrades; `session` is what a worker does per mode; `tag`
+//! speaks TLS and upgrades; `h2` does the same over shared HTTP/2
+//! connections; `session` is what a worker does per mode; `tag`
 //! builds the messages and recognises their echoes; `pace` decides when
 //! handshakes and paced sends may start; `stats` counts while running;
 //! `report` is the result and its printing; `progress` is the live line on a
 //! terminal.
 
 mod client;
+mod h2;
 mod pace;
 mod progress;
 mod report;
@@ -123,6 +129,18 @@ pub struct LoadArgs {
     /// Limit for the TCP connect, for TLS plus upgrade, and for each echo.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+
+    /// WebSockets over HTTP/2 (RFC 8441 extended CONNECT): needs a wss://
+    /// URL and a server that picks ALPN h2 and enables the CONNECT protocol.
+    #[arg(long)]
+    pub h2: bool,
+
+    /// With --h2: WebSockets (streams) per TLS connection; --connections of
+    /// them need ceil(connections / this) connections. In handshake mode a
+    /// handshake is a new stream on an existing connection [default: 100,
+    /// the least concurrent streams RFC 9113 asks servers to allow].
+    #[arg(long, requires = "h2", value_parser = parse_positive)]
+    pub streams_per_connection: Option<usize>,
 }
 
 /// What each connection does during the run.
@@ -218,6 +236,10 @@ pub async fn execute(args: &LoadArgs) -> anyhow::Result<LoadReport> {
     for (name, value) in &args.headers {
         headers.append(name.clone(), value.clone());
     }
+    let streams_per_connection = args.h2.then(|| {
+        args.streams_per_connection
+            .unwrap_or(h2::DEFAULT_STREAMS_PER_CONNECTION)
+    });
     let target = Target::new(
         args.url.clone(),
         headers,
@@ -225,9 +247,12 @@ pub async fn execute(args: &LoadArgs) -> anyhow::Result<LoadReport> {
         !args.no_tls_resume,
         ws_config(mode, message_size),
         args.timeout,
+        streams_per_connection.map(|per| (args.connections, per)),
     )
     .await?;
-    let sources = source_addresses(mode, target.addr(), args.connections);
+    // Over HTTP/2 the workers of one slot share its TCP connection and source.
+    let tcp_connections = target.h2().map_or(args.connections, h2::Pool::slot_count);
+    let sources = source_addresses(mode, target.addr(), tcp_connections);
 
     let start = Instant::now();
     let deadline = start + args.duration;
@@ -251,7 +276,8 @@ pub async fn execute(args: &LoadArgs) -> anyhow::Result<LoadReport> {
     let mut workers = JoinSet::new();
     for index in 0..args.connections {
         let plan = plan.clone();
-        let source = (!sources.is_empty()).then(|| sources[index % sources.len()]);
+        let connection = plan.target.h2().map_or(index, |pool| pool.slot_of(index));
+        let source = (!sources.is_empty()).then(|| sources[connection % sources.len()]);
         workers.spawn(async move { plan.worker(index, source).await });
     }
     let mut panicked = false;
@@ -265,13 +291,17 @@ pub async fn execute(args: &LoadArgs) -> anyhow::Result<LoadReport> {
     if panicked {
         bail!("a load worker panicked; the counts would be incomplete");
     }
-    Ok(plan.stats.report(
+    let mut report = plan.stats.report(
         args.url.to_string(),
         mode,
         args.connections,
         args.message_rate,
         elapsed,
-    ))
+    );
+    report.protocol = if args.h2 { "h2" } else { "http/1.1" };
+    report.streams_per_connection = streams_per_connection;
+    report.tcp_connections = plan.target.tcp_connections();
+    Ok(report)
 }
 
 /// Small read buffers when connections mostly sit idle (hold may open

@@ -14,18 +14,29 @@ use super::Mode;
 pub struct LoadReport {
     pub url: String,
     pub mode: Mode,
+    /// How the WebSockets were carried: `"http/1.1"` (an upgrade per TCP
+    /// connection) or `"h2"` (RFC 8441 streams on shared connections).
+    pub protocol: &'static str,
     pub connections: usize,
+    /// `--h2`: WebSockets per TLS connection; `null` over HTTP/1.1.
+    pub streams_per_connection: Option<usize>,
+    /// TCP connections that connected (each then did TLS for wss://): one per
+    /// handshake over HTTP/1.1, one per shared connection over h2.
+    pub tcp_connections: u64,
     /// `--message-rate`: echo messages per second offered across all
     /// connections; `null` when messages went back to back.
     pub message_rate: Option<f64>,
     /// Wall time from the first connect to the last worker finishing.
     pub elapsed_secs: f64,
     pub handshakes: Handshakes,
-    /// Status line of every upgrade answer received, 101 included.
+    /// Status line of every upgrade answer received, the successes included
+    /// (101 over HTTP/1.1, 200 over h2).
     pub statuses: BTreeMap<u16, u64>,
     /// Why handshakes failed; sums to `handshakes.failed`.
     pub failures: Failures,
-    /// From starting the TCP connect to the 101 (TLS included); `null` when none succeeded.
+    /// From starting the TCP connect to the 101 (TLS included); over h2 from
+    /// asking for the stream to its 200 (the first stream of each connection
+    /// also waits for TCP, TLS and the server's SETTINGS); `null` when none succeeded.
     pub handshake_latency_ms: Option<Latency>,
     /// From sending a message to its echo arriving; `null` when none came back.
     pub echo_rtt_ms: Option<Latency>,
@@ -164,9 +175,12 @@ impl fmt::Display for LoadReport {
         let m = &self.messages;
         write!(
             f,
-            "wsgate load {}  mode {}  connections {}",
-            self.url, self.mode, self.connections
+            "wsgate load {}  mode {}  {}  connections {}",
+            self.url, self.mode, self.protocol, self.connections
         )?;
+        if let Some(per) = self.streams_per_connection {
+            write!(f, "  streams/connection {per}")?;
+        }
         if let Some(rate) = self.message_rate {
             write!(f, "  message rate {rate}/s")?;
         }
@@ -236,6 +250,7 @@ impl fmt::Display for LoadReport {
         .collect();
         writeln!(f, "errors          {}", none_if_empty(&errors))?;
         writeln!(f, "peak open       {}", self.peak_open_connections)?;
+        writeln!(f, "tcp connections {}", self.tcp_connections)?;
         write!(
             f,
             "result          {}",

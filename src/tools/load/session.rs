@@ -53,7 +53,7 @@ impl Plan {
         let payloads = Payloads::new(self.message_size, index);
         match self.mode {
             Mode::Hold => {
-                if let Some((ws, mut conn)) = self.open(source).await {
+                if let Some((ws, mut conn)) = self.open(index, source).await {
                     if let Some(ws) = self.exchange(ws, &mut conn, &payloads, None).await {
                         self.hold(ws, &mut conn).await;
                     }
@@ -61,7 +61,7 @@ impl Plan {
             }
             Mode::Echo | Mode::Bulk => {
                 while Instant::now() < self.deadline {
-                    let Some((ws, mut conn)) = self.open(source).await else {
+                    let Some((ws, mut conn)) = self.open(index, source).await else {
                         continue;
                     };
                     let send_times = self
@@ -75,7 +75,7 @@ impl Plan {
             }
             Mode::Handshake => {
                 while Instant::now() < self.deadline {
-                    if let Some((ws, mut conn)) = self.open(source).await {
+                    if let Some((ws, mut conn)) = self.open(index, source).await {
                         self.close(ws, &mut conn).await;
                     }
                 }
@@ -84,7 +84,7 @@ impl Plan {
     }
 
     /// Waits for a `--rate` slot, then connects and upgrades, counting the outcome.
-    async fn open(&self, source: Option<IpAddr>) -> Option<(Ws, OpenConn<'_>)> {
+    async fn open(&self, index: usize, source: Option<IpAddr>) -> Option<(Ws, OpenConn<'_>)> {
         if let Some(pacer) = &self.pacer {
             if !pacer.wait(self.deadline).await {
                 return None;
@@ -95,8 +95,14 @@ impl Plan {
         }
         self.stats.attempted.fetch_add(1, Relaxed);
         let started = Instant::now();
-        match self.target.connect(source, self.hard_end).await {
-            Attempt::Upgraded(ws) => Some((*ws, self.stats.handshake_succeeded(started.elapsed()))),
+        match self.target.connect(index, source, self.hard_end).await {
+            Attempt::Upgraded(ws) => {
+                let status = self.target.success_status();
+                Some((
+                    *ws,
+                    self.stats.handshake_succeeded(status, started.elapsed()),
+                ))
+            }
             Attempt::Failed(failure) => {
                 self.stats.handshake_failed(failure);
                 None

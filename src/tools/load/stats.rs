@@ -109,9 +109,10 @@ impl Stats {
         })
     }
 
-    pub(super) fn handshake_succeeded(&self, latency: Duration) -> OpenConn<'_> {
+    /// `status`: 101 for an HTTP/1.1 upgrade, 200 for an RFC 8441 stream.
+    pub(super) fn handshake_succeeded(&self, status: u16, latency: Duration) -> OpenConn<'_> {
         self.succeeded.fetch_add(1, Relaxed);
-        *lock(&self.statuses).entry(101).or_default() += 1;
+        *lock(&self.statuses).entry(status).or_default() += 1;
         lock(&self.handshake_latency).saturating_record(micros(latency));
         let open = self.open.fetch_add(1, Relaxed) + 1;
         self.open_peak.fetch_max(open, Relaxed);
@@ -180,7 +181,10 @@ impl Stats {
         LoadReport {
             url,
             mode,
+            protocol: "http/1.1",
             connections,
+            streams_per_connection: None,
+            tcp_connections: 0,
             message_rate,
             elapsed_secs: elapsed.as_secs_f64(),
             handshakes: Handshakes {
