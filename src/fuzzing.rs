@@ -154,3 +154,15 @@ pub async fn read_answer<S: AsyncRead + Unpin>(
         }
     }
 }
+
+/// `wsgate probe`'s decoder of a chunked refusal body: the bytes decoded so
+/// far, and whether the body is over.
+pub fn probe_dechunk(raw: &[u8]) -> (Vec<u8>, bool) {
+    crate::tools::probe::dechunk(raw)
+}
+
+/// Why wsgate refuses a connection's first head itself rather than hand it
+/// to hyper (see `wire::malformed`); `None` when it goes to hyper.
+pub fn first_head_problem(head: &[u8]) -> Option<&'static str> {
+    crate::wire::malformed::problem(head)
+}

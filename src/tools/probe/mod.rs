@@ -27,6 +27,9 @@ mod tls;
 mod upgrade;
 mod verdict;
 
+#[cfg(feature = "fuzzing")]
+pub(crate) use upgrade::dechunk;
+
 use std::process::ExitCode;
 use std::time::Duration;
 

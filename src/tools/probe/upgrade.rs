@@ -295,28 +295,36 @@ pub(super) async fn body_excerpt<S: AsyncRead + Unpin>(
 }
 
 /// Decodes as much of a chunked body as has arrived; `true` once the last
-/// chunk was seen.
-fn dechunk(mut raw: &[u8]) -> (Vec<u8>, bool) {
+/// chunk was seen, or the framing broke (nothing after that is body).
+pub(crate) fn dechunk(mut raw: &[u8]) -> (Vec<u8>, bool) {
     let mut out = Vec::new();
-    // A chunk per round; bounded by the input's length.
-    while let Some(line_end) = raw.windows(2).position(|w| w == b"\r\n") {
-        let size_text = String::from_utf8_lossy(&raw[..line_end]);
-        let size_text = size_text.split(';').next().unwrap_or("").trim();
-        let Ok(size) = usize::from_str_radix(size_text, 16) else {
-            return (out, true);
+    // A chunk per round, each consuming at least its size line: bounded by
+    // the input's length.
+    loop {
+        let (data_start, size) = match httparse::parse_chunk_size(raw) {
+            Ok(httparse::Status::Complete(found)) => found,
+            Ok(httparse::Status::Partial) => return (out, false),
+            Err(_) => return (out, true),
         };
         if size == 0 {
             return (out, true);
         }
-        let data = &raw[line_end + 2..];
+        let data = &raw[data_start..];
+        let size = usize::try_from(size).unwrap_or(usize::MAX);
         if data.len() < size {
             out.extend_from_slice(data);
             return (out, false);
         }
         out.extend_from_slice(&data[..size]);
-        raw = data.get(size + 2..).unwrap_or(&[]);
+        let Some(rest) = data.get(size..) else {
+            return (out, false);
+        };
+        match rest {
+            [b'\r', b'\n', after @ ..] => raw = after,
+            [] | [b'\r'] => return (out, false),
+            _ => return (out, true),
+        }
     }
-    (out, false)
 }
 
 /// Markup removed, whitespace collapsed, cut to a line's length: nginx's
@@ -405,6 +413,11 @@ mod tests {
             (b"hello world".to_vec(), true)
         );
         assert_eq!(dechunk(b"5\r\nhel"), (b"hel".to_vec(), false));
+        assert_eq!(dechunk(b"5;ext=1\r\nhello\r\n"), (b"hello".to_vec(), false));
+        // A size is hex digits only: `from_str_radix` would have read `+5`.
+        assert_eq!(dechunk(b"+5\r\nhello\r\n0\r\n\r\n"), (Vec::new(), true));
+        // Chunk data not followed by CRLF ends the body there.
+        assert_eq!(dechunk(b"2\r\nhiXX"), (b"hi".to_vec(), true));
         let nginx = "<html>\r\n<head><title>403 Forbidden</title></head>\r\n<body>\r\n\
                      <center><h1>403 Forbidden</h1></center>\r\n<hr><center>nginx/1.22.1</center>\r\n";
         assert_eq!(one_line(nginx), "403 Forbidden 403 Forbidden nginx/1.22.1");
