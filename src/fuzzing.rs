@@ -166,3 +166,15 @@ pub fn probe_dechunk(raw: &[u8]) -> (Vec<u8>, bool) {
 pub fn first_head_problem(head: &[u8]) -> Option<&'static str> {
     crate::wire::malformed::problem(head)
 }
+
+/// What an HTTP/2 request's fields become for an HTTP/1.1 backend: `Host`
+/// from `:authority`, split `Cookie` fields joined.
+pub fn h2_request_fields(uri: http::Uri, fields: &mut HeaderMap) {
+    crate::http::h2::as_http11_fields(uri, fields)
+}
+
+/// An RFC 8441 extended CONNECT rewritten into the HTTP/1.1 upgrade sent to
+/// the backend; returns the `Sec-WebSocket-Key` it made.
+pub fn h2_upgrade_parts(parts: &mut Parts) -> String {
+    crate::ws::extended_connect::as_http11_upgrade(parts)
+}

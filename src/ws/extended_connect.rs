@@ -139,7 +139,7 @@ async fn switch(
 /// admission and the backend expect, and returns the key it carries. The
 /// fields that mean the same on both (`Origin`, `Sec-WebSocket-Version`,
 /// `-Protocol`, `-Extensions`) stay as the client sent them.
-fn as_http11_upgrade(parts: &mut http::request::Parts) -> String {
+pub(crate) fn as_http11_upgrade(parts: &mut http::request::Parts) -> String {
     parts.method = Method::GET;
     parts.version = Version::HTTP_11;
     parts.extensions.remove::<hyper::ext::Protocol>();

@@ -142,15 +142,18 @@ pub(crate) fn refusal_response(rejection: Rejection) -> Response<ProxyBody> {
 /// `Host` from `:authority` (RFC 9113 §8.3.1: it wins over any `Host`), and
 /// the crumbs of `Cookie` that HTTP/2 lets clients split joined into one
 /// field again (§8.2.3).
-fn as_http11_fields(uri: http::Uri, fields: &mut HeaderMap) {
+pub(crate) fn as_http11_fields(uri: http::Uri, fields: &mut HeaderMap) {
     if let Some(authority) = uri.authority() {
         if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
             fields.insert(HOST, host);
         }
     }
     if fields.get_all(COOKIE).iter().nth(1).is_some() {
+        // An empty crumb holds no cookie: skipped, rather than leaving a
+        // stray `; ` (found by the h2_glue fuzz target: an empty first
+        // crumb lost its separator, later ones kept theirs).
         let mut joined = Vec::new();
-        for crumb in fields.get_all(COOKIE) {
+        for crumb in fields.get_all(COOKIE).iter().filter(|c| !c.is_empty()) {
             if !joined.is_empty() {
                 joined.extend_from_slice(b"; ");
             }
@@ -180,6 +183,16 @@ mod tests {
             fields.get_all(HOST).iter().collect::<Vec<_>>(),
             ["app.example:8443"]
         );
+        assert_eq!(
+            fields.get_all(COOKIE).iter().collect::<Vec<_>>(),
+            ["a=1; b=2"]
+        );
+        // Empty crumbs hold no cookie, wherever they come.
+        let mut fields = HeaderMap::new();
+        for crumb in ["", "a=1", "", "b=2"] {
+            fields.append(COOKIE, HeaderValue::from_static(crumb));
+        }
+        as_http11_fields("/".parse().unwrap(), &mut fields);
         assert_eq!(
             fields.get_all(COOKIE).iter().collect::<Vec<_>>(),
             ["a=1; b=2"]
