@@ -693,25 +693,11 @@ async fn no_tls_resume_makes_every_handshake_a_full_one() {
 /// wsgate with a TLS listener (HTTP/2 on unless `http2` is false) in front
 /// of `backend`, allowing the origin `https://localhost`, with an admin listener.
 fn h2_proxy_config(cert: &common::TestCert, backend: SocketAddr, http2: bool) -> String {
-    format!(
-        r#"
-        [[listener]]
-        addr = "127.0.0.1:0"
-        tls = {{ certs = [ {{ cert = "{}", key = "{}" }} ] }}
-        http2 = {http2}
-        [admin]
-        addr = "127.0.0.1:0"
-        [server]
-        drain_timeout = "1s"
-        [upstream.echo]
-        servers = ["{backend}"]
-        [[route]]
-        path = "/"
-        upstream = "echo"
-        origins = ["https://localhost"]
-        "#,
-        cert.cert_path.display(),
-        cert.key_path.display(),
+    common::tls_echo_config(
+        cert,
+        backend,
+        &format!("http2 = {http2}"),
+        "[admin]\naddr = \"127.0.0.1:0\"\n[server]\ndrain_timeout = \"1s\"",
     )
 }
 

@@ -52,6 +52,34 @@ pub fn test_cert(names: &[&str]) -> TestCert {
     }
 }
 
+/// A config with one TLS listener on port 0 serving `cert` (plus the
+/// `listener` keys given), then `sections` (`[server]`, `[admin]`, …), and
+/// one route `/` to `backend` that allows the origin `https://localhost`.
+pub fn tls_echo_config(
+    cert: &TestCert,
+    backend: SocketAddr,
+    listener: &str,
+    sections: &str,
+) -> String {
+    format!(
+        r#"
+        [[listener]]
+        addr = "127.0.0.1:0"
+        tls = {{ certs = [ {{ cert = "{}", key = "{}" }} ] }}
+        {listener}
+        {sections}
+        [upstream.echo]
+        servers = ["{backend}"]
+        [[route]]
+        path = "/"
+        upstream = "echo"
+        origins = ["https://localhost"]
+        "#,
+        cert.cert_path.display(),
+        cert.key_path.display(),
+    )
+}
+
 /// A running proxy; dropping it (or calling `stop`) shuts it down.
 pub struct TestProxy {
     pub addrs: Vec<SocketAddr>,

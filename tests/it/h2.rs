@@ -10,23 +10,7 @@ use tokio::io::AsyncWriteExt;
 use crate::common::*;
 
 fn h2_config(cert: &TestCert, backend: std::net::SocketAddr) -> String {
-    format!(
-        r#"
-        [[listener]]
-        addr = "127.0.0.1:0"
-        tls = {{ certs = [ {{ cert = "{}", key = "{}" }} ] }}
-        [server]
-        drain_timeout = "1s"
-        [upstream.echo]
-        servers = ["{backend}"]
-        [[route]]
-        path = "/"
-        upstream = "echo"
-        origins = ["https://localhost"]
-        "#,
-        cert.cert_path.display(),
-        cert.key_path.display(),
-    )
+    tls_echo_config(cert, backend, "", "[server]\ndrain_timeout = \"1s\"")
 }
 
 pub(crate) async fn h2_client(

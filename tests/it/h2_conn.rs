@@ -18,24 +18,8 @@ const GOAWAY: u8 = 0x7;
 const ACK: u8 = 0x1;
 
 fn config(cert: &TestCert, backend: SocketAddr) -> String {
-    format!(
-        r#"
-        [[listener]]
-        addr = "127.0.0.1:0"
-        tls = {{ certs = [ {{ cert = "{}", key = "{}" }} ] }}
-        [server]
-        header_timeout = "1s"
-        drain_timeout = "2s"
-        [upstream.echo]
-        servers = ["{backend}"]
-        [[route]]
-        path = "/"
-        upstream = "echo"
-        origins = ["https://localhost"]
-        "#,
-        cert.cert_path.display(),
-        cert.key_path.display(),
-    )
+    let server = "[server]\nheader_timeout = \"1s\"\ndrain_timeout = \"2s\"";
+    tls_echo_config(cert, backend, "", server)
 }
 
 /// A TLS connection that has sent the HTTP/2 preface and an empty SETTINGS.

@@ -76,6 +76,21 @@ async fn run_script<S: AsyncRead + AsyncWrite + Unpin>(socket: &mut S) -> Vec<(u
     answers
 }
 
+/// A WebSocket over TLS with ALPN `http/1.1`, upgraded on `path`.
+async fn http11_websocket(
+    proxy: SocketAddr,
+    cert: &TestCert,
+    path: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut config = tls_client_config(Some(&cert.cert_pem), &[&rustls::version::TLS13]);
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let mut http11 = tls_connect_with(proxy, "localhost", config).await.unwrap();
+    let request = upgrade_request(path, "localhost", &[("Origin", "https://localhost")]);
+    http11.write_all(request.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut http11, "GET").await.0.status, 101);
+    http11
+}
+
 fn config(cert: &TestCert, mirror: SocketAddr, recorder: SocketAddr) -> String {
     format!(
         r#"
@@ -142,14 +157,7 @@ async fn frames_cross_an_h2_stream_exactly_as_they_cross_http11_and_direct() {
         .collect();
     assert_eq!(expected, echoed, "the mirror sends every frame back");
 
-    let mut config = tls_client_config(Some(&cert.cert_pem), &[&rustls::version::TLS13]);
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let mut http11 = tls_connect_with(proxy.addr(), "localhost", config)
-        .await
-        .unwrap();
-    let request = upgrade_request("/h1", "localhost", &[("Origin", "https://localhost")]);
-    http11.write_all(request.as_bytes()).await.unwrap();
-    assert_eq!(read_response(&mut http11, "GET").await.0.status, 101);
+    let mut http11 = http11_websocket(proxy.addr(), &cert, "/h1").await;
     assert_eq!(run_script(&mut http11).await, expected, "HTTP/1.1 tunnel");
 
     let mut send = h2_client(proxy.addr(), &cert).await;
@@ -184,14 +192,7 @@ async fn invalid_framing_passes_h2_and_http11_unchanged_and_only_stops_the_follo
     let (recorder, _) = recording_backend().await;
     let proxy = start_proxy(&config(&cert, mirror, recorder)).await;
     let admin = proxy.admin.unwrap();
-    let mut config = tls_client_config(Some(&cert.cert_pem), &[&rustls::version::TLS13]);
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let mut http11 = tls_connect_with(proxy.addr(), "localhost", config)
-        .await
-        .unwrap();
-    let request = upgrade_request("/h1", "localhost", &[("Origin", "https://localhost")]);
-    http11.write_all(request.as_bytes()).await.unwrap();
-    assert_eq!(read_response(&mut http11, "GET").await.0.status, 101);
+    let http11 = http11_websocket(proxy.addr(), &cert, "/h1").await;
     let mut send = h2_client(proxy.addr(), &cert).await;
     let stream = h2_websocket(&mut send, "/h2").await;
     let mut sockets: [Box<dyn Duplex>; 2] = [Box::new(http11), Box::new(stream)];
