@@ -16,7 +16,7 @@ use wsgate::fuzzing::probe_dechunk;
 enum Plain {
     Complete(Vec<u8>),
     CutShort(Vec<u8>),
-    NotPlain,
+    Other,
 }
 
 fn plain_decode(mut raw: &[u8]) -> Plain {
@@ -25,13 +25,13 @@ fn plain_decode(mut raw: &[u8]) -> Plain {
         let digits = raw.iter().take_while(|b| b.is_ascii_hexdigit()).count();
         // Longer sizes than any body are no plain form, cut short or not.
         if digits > 15 {
-            return Plain::NotPlain;
+            return Plain::Other;
         }
         if digits == raw.len() {
             return Plain::CutShort(out);
         }
         if digits == 0 {
-            return Plain::NotPlain;
+            return Plain::Other;
         }
         let size = raw[..digits].iter().fold(0usize, |size, &b| {
             size * 16 + (b as char).to_digit(16).unwrap_or(0) as usize
@@ -45,7 +45,7 @@ fn plain_decode(mut raw: &[u8]) -> Plain {
         match &raw[at..] {
             [] | [b'\r'] => return Plain::CutShort(out),
             [b'\r', b'\n', ..] => at += 2,
-            _ => return Plain::NotPlain,
+            _ => return Plain::Other,
         }
         if size == 0 {
             return Plain::Complete(out);
@@ -53,12 +53,12 @@ fn plain_decode(mut raw: &[u8]) -> Plain {
         let data = &raw[at..];
         if data.len() < size + 2 {
             if data.len() > size && data[size] != b'\r' {
-                return Plain::NotPlain;
+                return Plain::Other;
             }
             return Plain::CutShort(out);
         }
         if &data[size..size + 2] != b"\r\n" {
-            return Plain::NotPlain;
+            return Plain::Other;
         }
         out.extend_from_slice(&data[..size]);
         raw = &data[size + 2..];
@@ -77,6 +77,6 @@ fuzz_target!(|data: &[u8]| {
             assert!(!over, "a body cut short seen as over");
             assert!(decoded.starts_with(&so_far), "lost decoded chunks");
         }
-        Plain::NotPlain => {}
+        Plain::Other => {}
     }
 });
