@@ -38,17 +38,28 @@ fn fields_of(lines: &[&[u8]]) -> HeaderMap {
 }
 
 fn values<'a>(fields: &'a HeaderMap, name: &HeaderName) -> Vec<&'a [u8]> {
-    fields.get_all(name).iter().map(HeaderValue::as_bytes).collect()
+    fields
+        .get_all(name)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect()
 }
 
 /// Every field but `except`, by name and values in order.
 fn others(fields: &HeaderMap, except: &[HeaderName]) -> Vec<(HeaderName, Vec<Vec<u8>>)> {
-    let mut names: Vec<&HeaderName> = fields.keys().filter(|name| !except.contains(name)).collect();
+    let mut names: Vec<&HeaderName> = fields
+        .keys()
+        .filter(|name| !except.contains(name))
+        .collect();
     names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
     names
         .into_iter()
         .map(|name| {
-            let values = fields.get_all(name).iter().map(|v| v.as_bytes().to_vec()).collect();
+            let values = fields
+                .get_all(name)
+                .iter()
+                .map(|v| v.as_bytes().to_vec())
+                .collect();
             (name.clone(), values)
         })
         .collect()
