@@ -53,6 +53,9 @@ pub(crate) struct Connection {
     /// The TCP peer, or the PROXY header's source.
     pub peer: SocketAddr,
     pub tls: bool,
+    /// HTTP/1.1, or HTTP/2 when TLS chose ALPN `h2`: what every request and
+    /// tunnel of this connection runs over.
+    pub protocol: ClientProtocol,
     /// The config generation this connection was accepted under.
     pub state: Arc<State>,
     /// Tunnels are tracked so shutdown can wait for them; `drain` tells
@@ -64,7 +67,6 @@ pub(crate) struct Connection {
     pub _slot: ConnectionSlot,
 }
 
-/// What the log line of a request says about it.
 /// What the client's request runs over: its own HTTP/1.1 connection, or a
 /// stream of an HTTP/2 one (RFC 8441 for a WebSocket).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,6 +85,7 @@ impl ClientProtocol {
     }
 }
 
+/// What the log line of a request says about it.
 pub(crate) struct RequestFacts {
     /// Index into the state's routes once one matched.
     route: Option<usize>,
@@ -110,7 +113,7 @@ impl RequestFacts {
             origin,
             uri: uri.clone(),
             upgrade,
-            protocol: ClientProtocol::Http1,
+            protocol: conn.protocol,
             slot: None,
         }
     }

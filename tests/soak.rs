@@ -1399,6 +1399,18 @@ async fn churn_returns_fds_and_rss_to_baseline_and_loses_no_byte() {
     assert_eq!(wsgate.wait_exit(), Some(0));
 }
 
+/// The results of `tasks`, in order, each within two minutes.
+async fn join_within<T>(tasks: Vec<tokio::task::JoinHandle<T>>, what: &str) -> Vec<T> {
+    let mut results = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let done = tokio::time::timeout(Duration::from_secs(120), task)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: not in time"));
+        results.push(done.unwrap());
+    }
+    results
+}
+
 async fn until_metric_zero(admin: SocketAddr, name: &str) {
     let end = Instant::now() + WAIT;
     loop {
@@ -1501,15 +1513,7 @@ async fn idle_tunnels_survive_reloads_with_flat_memory() {
             streams
         }));
     }
-    let mut held: Vec<Vec<(u64, TcpStream)>> = Vec::new();
-    for opener in openers {
-        held.push(
-            tokio::time::timeout(Duration::from_secs(120), opener)
-                .await
-                .expect("tunnels opened in time")
-                .unwrap(),
-        );
-    }
+    let held: Vec<Vec<(u64, TcpStream)>> = join_within(openers, "tunnels opened").await;
     let opened_in = started.elapsed();
     assert_eq!(held.iter().map(Vec::len).sum::<usize>(), tunnels);
     wait_until("every tunnel open at the backend", WAIT, || {
@@ -1573,15 +1577,7 @@ async fn idle_tunnels_survive_reloads_with_flat_memory() {
             group
         }));
     }
-    let mut held = Vec::new();
-    for echoer in echoers {
-        held.push(
-            tokio::time::timeout(Duration::from_secs(120), echoer)
-                .await
-                .expect("echoes in time")
-                .unwrap(),
-        );
-    }
+    let held = join_within(echoers, "echoes").await;
     let echoed_in = echo_started.elapsed();
     assert_eq!(metric_sum(admin, "wsgate_tunnels_closed_total").await, 0.0);
 

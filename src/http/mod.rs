@@ -46,7 +46,7 @@ pub(crate) async fn serve(
         // buffer grows only as bytes arrive, so the cap costs nothing for
         // ordinary requests.
         .max_buf_size((server.max_header_bytes * 4).max(64 * 1024))
-        .max_headers(512)
+        .max_headers(crate::wire::MAX_REQUEST_FIELDS)
         .preserve_header_case(true)
         .keep_alive(true);
     let for_service = connection.clone();
@@ -79,9 +79,6 @@ async fn handle(
     let method = parts.method.clone();
     let origin = parts.headers.get(ORIGIN).cloned();
     let mut facts = RequestFacts::new(&parts.uri, origin, &conn, upgrade);
-    if parts.version == Version::HTTP_2 {
-        facts.protocol = admit::ClientProtocol::H2;
-    }
     let response = match handle_inner(parts, body, &conn, &mut facts, started).await {
         Ok(response) => response,
         Err(rejection) => {

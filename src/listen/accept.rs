@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::first_head::{self, FirstHead};
-use crate::admit::{self, Connection, ConnectionSlot};
+use crate::admit::{self, ClientProtocol, Connection, ConnectionSlot};
 use crate::drain::Drain;
 use crate::error::Rejection;
 use crate::state::State;
@@ -154,6 +154,11 @@ impl ConnectionTask {
         let connection = Connection {
             peer,
             tls: matches!(io, ClientConn::Tls(_)),
+            protocol: if h2 {
+                ClientProtocol::H2
+            } else {
+                ClientProtocol::Http1
+            },
             state: self.state,
             tunnels: self.tracker,
             drain: self.drain,

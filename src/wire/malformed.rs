@@ -9,14 +9,12 @@ use std::mem::MaybeUninit;
 
 use http::Uri;
 
-/// hyper's own limit on a request's fields (`max_headers` in
-/// [`crate::http`]); beyond it hyper answers 431, which is not ours to judge.
-const FIELD_SLOTS: usize = 512;
+use super::MAX_REQUEST_FIELDS;
 
 /// Why hyper would refuse `head` with a bare 400, or `None` when it would
 /// not. `head` holds a complete head (it ends in a blank line).
 pub(crate) fn problem(head: &[u8]) -> Option<&'static str> {
-    let mut slots = [const { MaybeUninit::uninit() }; FIELD_SLOTS];
+    let mut slots = [const { MaybeUninit::uninit() }; MAX_REQUEST_FIELDS];
     let mut request = httparse::Request::new(&mut []);
     match request.parse_with_uninit_headers(head, &mut slots) {
         Ok(httparse::Status::Complete(_)) => {}

@@ -22,6 +22,10 @@ use crate::headers;
 pub(crate) mod malformed;
 pub(crate) mod request;
 
+/// The most fields hyper takes in a request head (`max_headers`); beyond it
+/// hyper answers 431, so [`malformed`] leaves such heads to it.
+pub(crate) const MAX_REQUEST_FIELDS: usize = 512;
+
 /// More fields than this in one head is left to hyper (request) or refused
 /// (an upstream's answer). The slots are left uninitialised: filling 4 KiB
 /// of empty fields per head costs more than parsing a browser's handshake.

@@ -27,7 +27,7 @@ use crate::http::h2::{StreamGuard, refusal_response};
 use crate::policy::SEC_WEBSOCKET_KEY;
 use crate::stream::Prefixed;
 use crate::ws::exchange::{Answer, Switched, exchange};
-use crate::ws::upgrade::{ClientProtocol, TunnelPeer, encoded_head, run_tunnel};
+use crate::ws::upgrade::{TunnelPeer, encoded_head, run_tunnel};
 
 const SEC_WEBSOCKET_ACCEPT: &str = "sec-websocket-accept";
 
@@ -42,20 +42,16 @@ pub(crate) async fn serve(
     let (mut parts, _empty_body) = request.into_parts();
     let origin = parts.headers.get(ORIGIN).cloned();
     let mut facts = RequestFacts::new(&parts.uri, origin, &conn, true);
-    facts.protocol = ClientProtocol::H2;
-    let mut in_use = Some(in_use);
-    let response = match switch(&mut parts, &conn, &mut facts, started, &mut in_use).await {
+    let response = match switch(&mut parts, &conn, &mut facts, started, &in_use).await {
         Ok(response) => response,
         Err(rejection) => {
             admit::report_rejection(&conn.state, &facts, &rejection);
             refusal_response(rejection)
         }
     };
-    // A refusal's body keeps the stream in use; a tunnel took the guard.
-    match in_use {
-        Some(guard) => response.map(|body| guard.held_by(body)),
-        None => response,
-    }
+    // A refusal's body keeps the stream in use while it is sent; a tunnel
+    // holds a use of its own.
+    response.map(|body| in_use.held_by(body))
 }
 
 async fn switch(
@@ -63,7 +59,7 @@ async fn switch(
     conn: &Arc<Connection>,
     facts: &mut RequestFacts,
     started: Instant,
-    in_use: &mut Option<StreamGuard>,
+    in_use: &StreamGuard,
 ) -> Result<Response<ProxyBody>, Rejection> {
     // Resolves once hyper has sent our 200 on the stream.
     let client_upgrade = parts
@@ -114,10 +110,9 @@ async fn switch(
     let peer = TunnelPeer {
         client_ip: facts.client_ip,
         origin: parts.headers.get(ORIGIN).cloned(),
-        protocol: ClientProtocol::H2,
     };
     let slot = facts.slot.take();
-    let in_use = in_use.take();
+    let in_use = in_use.another();
     let conn = conn.clone();
     conn.tunnels.clone().spawn(async move {
         let _slot = slot;

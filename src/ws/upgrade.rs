@@ -48,10 +48,7 @@ pub(crate) struct Tunnel {
 pub(crate) struct TunnelPeer {
     pub client_ip: IpAddr,
     pub origin: Option<HeaderValue>,
-    pub protocol: ClientProtocol,
 }
-
-pub(crate) use crate::admit::ClientProtocol;
 
 impl Tunnel {
     pub async fn run(mut self) {
@@ -138,7 +135,6 @@ pub(crate) async fn serve_direct(
         peer: TunnelPeer {
             client_ip: facts.client_ip,
             origin,
-            protocol: ClientProtocol::Http1,
         },
         _slot: facts.slot.take(),
     })
@@ -192,7 +188,6 @@ pub(crate) async fn through_hyper(
     let peer = TunnelPeer {
         client_ip,
         origin: parts.headers.get(ORIGIN).cloned(),
-        protocol: ClientProtocol::Http1,
     };
     let conn = conn.clone();
     conn.tunnels.clone().spawn(async move {
@@ -225,11 +220,7 @@ pub(crate) async fn run_tunnel<C>(
 ) where
     C: tokio::io::AsyncRead + crate::stream::HoldForFin + Unpin,
 {
-    let TunnelPeer {
-        client_ip,
-        origin,
-        protocol,
-    } = peer;
+    let TunnelPeer { client_ip, origin } = peer;
     let route = &conn.state.routes[route_index];
     let metrics = &route.metrics;
     metrics.tunnels_active.inc();
@@ -266,7 +257,7 @@ pub(crate) async fn run_tunnel<C>(
         route = %route.config.name,
         %client_ip,
         origin = %origin_for_log(origin.as_ref()),
-        protocol = protocol.as_str(),
+        protocol = conn.protocol.as_str(),
         cause = outcome.cause.as_str(),
         close_code = code,
         close_from = from,

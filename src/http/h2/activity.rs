@@ -62,6 +62,12 @@ impl Drop for StreamGuard {
 }
 
 impl StreamGuard {
+    /// A second use of the same connection, for what outlives this one
+    /// (a WebSocket's tunnel outlives the 200 that opened it).
+    pub(crate) fn another(&self) -> StreamGuard {
+        self.0.begin()
+    }
+
     /// The response body carries the guard: the stream is in use until its
     /// last byte has gone or the client reset it.
     pub(crate) fn held_by(self, body: ProxyBody) -> ProxyBody {

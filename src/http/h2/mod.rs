@@ -123,8 +123,7 @@ async fn handle(
     let rejection = Rejection::BadRequest {
         detail: "CONNECT is served only for :protocol websocket (RFC 8441)",
     };
-    let mut facts = RequestFacts::new(request.uri(), None, &conn, false);
-    facts.protocol = admit::ClientProtocol::H2;
+    let facts = RequestFacts::new(request.uri(), None, &conn, false);
     admit::report_rejection(&conn.state, &facts, &rejection);
     Ok(refusal_response(rejection))
 }
