@@ -218,3 +218,53 @@ async fn a_flood_from_a_client_that_reads_nothing_stalls_only_itself_and_is_cut(
     drop(websocket);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_drain_sends_goaway_no_error_covering_the_open_streams() {
+    let cert = test_cert(&["localhost"]);
+    // The backend never answers: the GET stays open until the drain ends it.
+    let (backend, mut heads) = spawn_silent_backend().await;
+    let server = "[server]\ndrain_timeout = \"1s\"";
+    let proxy = start_proxy(&tls_echo_config(&cert, backend, "", server)).await;
+    let mut tls = raw_h2(proxy.addr(), &cert).await;
+    // HPACK: GET, https, /, then :authority localhost as a literal.
+    let mut block = vec![0x82, 0x87, 0x84, 0x41, 9];
+    block.extend_from_slice(b"localhost");
+    tls.write_all(&h2_frame(0x1, 0x4 | 0x1, 1, &block))
+        .await
+        .unwrap();
+    let head = within("the GET at the backend", heads.recv())
+        .await
+        .unwrap();
+    assert!(head.starts_with("GET / HTTP/1.1\r\n"), "{head}");
+
+    let stopping = proxy.begin_shutdown();
+    let mut reader = FrameReader::new();
+    let mut goaway = None;
+    for _ in 0..20 {
+        match reader.next(&mut tls).await {
+            Some((GOAWAY, _, payload)) => {
+                goaway = Some(payload);
+                break;
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    let payload = goaway.expect("a GOAWAY before the connection ended");
+    let last_stream =
+        u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) & !(1 << 31);
+    let code = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
+    assert_eq!(code, 0, "NO_ERROR");
+    assert!(
+        last_stream >= 1,
+        "the open stream 1 is covered: {last_stream}"
+    );
+    // The client leaves; its stream's reset ends the connection, and the
+    // in-flight GET with it.
+    drop(tls);
+    within("the proxy to stop", stopping)
+        .await
+        .unwrap()
+        .unwrap();
+}
