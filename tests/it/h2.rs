@@ -356,3 +356,95 @@ async fn a_continuation_flood_ends_the_connection_with_enhance_your_calm() {
     assert_eq!(read_goaway(&mut tls).await, 0xb, "ENHANCE_YOUR_CALM");
     proxy.stop().await;
 }
+
+/// The metrics of requests over h2 are exactly those of HTTP/1.1: plain
+/// requests by route and status, WebSockets as handshakes by outcome,
+/// refusals by reason.
+#[tokio::test]
+async fn requests_over_h2_are_counted_as_over_http11() {
+    let cert = test_cert(&["localhost"]);
+    let ws = spawn_ws_echo().await;
+    let origin = spawn_http_origin().await;
+    let proxy = start_proxy(&format!(
+        r#"
+        [[listener]]
+        addr = "127.0.0.1:0"
+        tls = {{ certs = [ {{ cert = "{}", key = "{}" }} ] }}
+        [admin]
+        addr = "127.0.0.1:0"
+        [server]
+        drain_timeout = "1s"
+        [upstream.ws]
+        servers = ["{}"]
+        [upstream.web]
+        servers = ["{}"]
+        [[route]]
+        name = "chat"
+        path = "/ws"
+        upstream = "ws"
+        origins = ["https://localhost"]
+        [[route]]
+        name = "page"
+        path = "/"
+        upstream = "web"
+        websocket = "forbidden"
+        "#,
+        cert.cert_path.display(),
+        cert.key_path.display(),
+        ws.addr,
+        origin.addr,
+    ))
+    .await;
+    let admin = proxy.admin.unwrap();
+    let mut send = h2_client(proxy.addr(), &cert).await;
+    let page = Request::builder()
+        .uri("https://localhost/page")
+        .body(Empty::new())
+        .unwrap();
+    let response = within("the page", send.send_request(page)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.into_body().collect().await.unwrap();
+    for (origin, version, status) in [
+        ("https://evil.example", "13", StatusCode::FORBIDDEN),
+        ("https://localhost", "8", StatusCode::UPGRADE_REQUIRED),
+    ] {
+        let refused = within(
+            "the refusal",
+            send.send_request(extended_connect("/ws", origin, version)),
+        )
+        .await
+        .unwrap();
+        assert_eq!(refused.status(), status);
+    }
+    let socket = h2_websocket(&mut send, "/ws").await;
+    for (name, labels) in [
+        (
+            "wsgate_http_requests_total",
+            [("route", "page"), ("status", "200")],
+        ),
+        (
+            "wsgate_rejections_total",
+            [("route", "chat"), ("reason", "origin-forbidden")],
+        ),
+        (
+            "wsgate_rejections_total",
+            [("route", "chat"), ("reason", "bad-version")],
+        ),
+        (
+            "wsgate_handshakes_total",
+            [("route", "chat"), ("outcome", "upgraded")],
+        ),
+    ] {
+        metric_becomes(admin, name, &labels, 1.0).await;
+    }
+    metric_becomes(
+        admin,
+        "wsgate_handshakes_total",
+        &[("route", "chat"), ("outcome", "rejected")],
+        2.0,
+    )
+    .await;
+    drop(socket);
+    drop(send);
+    proxy.stop().await;
+}
